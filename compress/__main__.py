@@ -1,0 +1,3 @@
+from compress.cli import app
+
+app(prog_name="compress")

@@ -1,0 +1,152 @@
+"""The `compress` command: parses, delegates, and turns known failures into one-line errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+import compress
+
+app = typer.Typer(
+    name="compress",
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="""Turn a big, accurate vision model into small, fast ones, and prove the trade-off with numbers.
+
+A pipeline YAML names stages (train a teacher, distill students, prune, quantize); every model
+is exported to ONNX, checked, benchmarked on every runtime and summarized in a report.
+
+**Examples**
+
+* `compress run pipelines/distill.yaml` (the default Fashion-MNIST pipeline)
+* `compress run pipelines/smoke.yaml --set stages.teacher.epochs=1 --out /tmp/runs`
+* `compress validate pipelines/distill.yaml`
+* `compress models --input-size 1,28,28`
+""",
+)
+console = Console(stderr=True, highlight=False)
+EXIT_BAD_INPUT = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from compress.config import ConfigError
+    from compress.data import DataError
+    from compress.io import CheckpointError
+    from compress.registry import ModelError
+
+    return ConfigError, DataError, CheckpointError, ModelError
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"compress {compress.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/distill.yaml"),
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Run directory root: stages write to OUT/<name>/<stage>/."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config value: key.path=value (repeatable)."),
+    reports: Optional[Path] = typer.Option(None, "--reports", help="Report root (default: report.dir in the YAML, 'reports')."),
+    force: list[str] = typer.Option([], "--force", "-f", help="Re-run this stage even if its cache key is unchanged (repeatable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (one line per epoch instead)."),
+) -> None:
+    """Run a pipeline: every stage, then engines, benchmark and report.
+
+    Stages whose config and inputs did not change since the last run in OUT are reused.
+
+    **Examples**
+
+    * `compress run pipelines/distill.yaml`
+    * `compress run pipelines/distill.yaml --set stages.teacher.epochs=1 --set data.batch_size=128`
+    * `compress run pipelines/distill.yaml --force mnv2-int8`
+    """
+    from compress import config
+    from compress.pipeline import run_pipeline
+
+    overrides = list(set_) + ([f"report.dir={reports}"] if reports else [])
+    try:
+        cfg = config.load(pipeline, overrides)
+        unknown = [s for s in force if s not in cfg.stages]
+        if unknown:
+            _fail(f"--force {unknown[0]!r}: no such stage in {pipeline} (stages: {', '.join(cfg.stages)})")
+        report_dir = run_pipeline(cfg, pipeline_path=pipeline, runs_dir=out, force=tuple(force),
+                                  log=lambda m: console.print(m, markup=False, highlight=False),
+                                  progress=not no_progress and sys.stderr.isatty())
+    except _user_errors() as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    console.print(f"[bold green]report:[/] {report_dir / 'report.md'}")
+
+
+@app.command()
+def validate(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML to check."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config value: key.path=value."),
+) -> None:
+    """Check a pipeline file against the schema and print its stage graph, without running anything.
+
+    **Example:** `compress validate pipelines/distill.yaml`
+    """
+    from compress import config
+
+    try:
+        cfg = config.load(pipeline, list(set_))
+    except config.ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"{pipeline}: ok ({cfg.name}, {len(cfg.stages)} stages)")
+    for name in cfg.order():
+        stage = cfg.stages[name]
+        src = cfg.inputs(name)
+        what = getattr(stage, "model", None) or getattr(stage, "method", "")
+        typer.echo(f"  {name:<20} {stage.type:<9} {what:<22} {('<- ' + ', '.join(src)) if src else ''}")
+
+
+@app.command()
+def models(
+    pattern: Optional[str] = typer.Argument(None, help="Glob filter, e.g. 'mobilenet*'."),
+    input_size: str = typer.Option("1,28,28", "--input-size", help="C,H,W of one input image."),
+    num_classes: int = typer.Option(10, "--num-classes", help="Classifier outputs."),
+) -> None:
+    """List the registered models with parameters and MACs at an input size.
+
+    **Example:** `compress models 'shufflenet*' --input-size 3,32,32`
+    """
+    from rich.table import Table
+
+    from compress.registry import count_macs, count_params, create_model, list_models, model_family
+
+    try:
+        c, h, w = (int(v) for v in input_size.split(","))
+    except ValueError:
+        _fail(f"--input-size {input_size!r}: expected C,H,W such as 1,28,28")
+    table = Table(title=f"models at {c}x{h}x{w}, {num_classes} classes")
+    for col in ("model", "family", "params", "MACs"):
+        table.add_column(col, justify="left" if col in ("model", "family") else "right")
+    for name in list_models(pattern):
+        model = create_model(name, num_classes=num_classes, in_channels=c)
+        table.add_row(name, model_family(name), f"{count_params(model) / 1e6:.3f} M",
+                      f"{count_macs(model, (c, h, w)) / 1e6:.2f} M")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,393 @@
+"""Typed schema (pydantic) for a pipeline YAML, and a loader whose errors a person can act on.
+
+A pipeline is a set of named stages; each model-producing stage names its input with
+`from:`, so one teacher can feed several students and each student its own prune and
+quantize chain. `load(path, overrides)` returns a validated `PipelineConfig` or raises
+`ConfigError` with one line: file, line, field path, what was expected, closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AugmentConfig(Strict):
+    crop_padding: int = Field(2, ge=0, description="random crop after zero padding by this many pixels (0: off)")
+    hflip: bool = Field(True, description="random horizontal flip")
+
+
+class SyntheticConfig(Strict):
+    num_train: int = Field(512, ge=2)
+    num_test: int = Field(128, ge=1)
+    num_classes: int = Field(4, ge=2)
+    image_size: int = Field(16, ge=4)
+    channels: int = Field(1, ge=1)
+
+
+class DataConfig(Strict):
+    dataset: Literal["fashion-mnist", "imagefolder", "synthetic"] = "fashion-mnist"
+    root: Path | None = Field(None, description="dataset directory (fashion-mnist: the IDX files; imagefolder: "
+                                                "train/ and test/ of class subfolders)")
+    download: bool = Field(True, description="fashion-mnist: download to ~/.cache/compress when not found")
+    image_size: int | None = Field(None, ge=4, description="imagefolder: resize images to this square size")
+    batch_size: int = Field(256, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    val_size: int = Field(5000, ge=0, description="images held out of train for validation (fixed seed)")
+    augment: AugmentConfig = AugmentConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+# ----------------------------------------------------------------------------- stages
+
+class OptimConfig(Strict):
+    """How a stage trains (train, distill, and the fine-tuning after pruning)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up (cosine schedule)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported); ignored on CPU")
+    batch_size: int | None = Field(None, ge=1, description="overrides data.batch_size for this stage")
+
+
+class KDConfig(Strict):
+    method: Literal["kd"] = Field("kd", description="distillation loss (Hinton KD)")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1-alpha goes to cross-entropy")
+
+
+class TrainStage(OptimConfig):
+    type: Literal["train"]
+    model: str = Field(description="registry name (see `compress models`) or path/to/file.py:ClassName")
+    epochs: int = Field(3, ge=1)
+
+
+class DistillStage(OptimConfig, KDConfig):
+    type: Literal["distill"]
+    from_: str | list[str] = Field(alias="from", description="teacher stage name, or a list for an ensemble")
+    model: str
+    epochs: int = Field(3, ge=1)
+
+
+class PruneStage(OptimConfig, KDConfig):
+    type: Literal["prune"]
+    from_: str = Field(alias="from")
+    target_macs: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the MACs")
+    target_params: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the parameters")
+    importance: Literal["l1", "l2", "random"] = "l2"
+    round_to: int = Field(8, ge=1, description="pruned channel counts stay multiples of this")
+    iterative_steps: int = Field(5, ge=1)
+    finetune_epochs: int = Field(1, ge=0)
+    teacher: str | list[str] | None = Field(None, description="stage(s) to distill from while fine-tuning "
+                                                           "(default: the teacher of the pruned model)")
+    lr: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if self.target_macs is not None and self.target_params is not None:
+            raise ValueError("give target_macs or target_params, not both")
+        if self.target_macs is None and self.target_params is None:
+            self.target_macs = 0.5
+        return self
+
+
+class QuantizeStage(Strict):
+    type: Literal["quantize"]
+    from_: str = Field(alias="from")
+    method: Literal["ptq"] = Field("ptq", description="NNCF post-training quantization to INT8")
+    calibration_size: int = Field(512, ge=1, description="training images used to calibrate")
+
+
+Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QuantizeStage], Field(discriminator="type")]
+
+
+# ----------------------------------------------------------------------------- the rest
+
+class ExportConfig(Strict):
+    opset: int = Field(17, ge=13)
+    parity_images: int = Field(256, ge=1, description="test images used to check ONNX against PyTorch")
+
+
+class EngineConfig(Strict):
+    precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp16", "int8"]
+    min_batch: int = Field(1, ge=1)
+    opt_batch: int = Field(64, ge=1)
+    max_batch: int = Field(256, ge=1)
+    workspace_gb: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("expected min_batch <= opt_batch <= max_batch")
+        return self
+
+
+class BenchmarkConfig(Strict):
+    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["torch", "onnxruntime", "tensorrt"]
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = [1, 64]
+    warmup: int = Field(10, ge=0)
+    iters: int = Field(50, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's default)")
+    accuracy_split: Literal["test", "val"] = "test"
+
+
+class ReportConfig(Strict):
+    dir: Path = Field(Path("reports"), description="reports go to <dir>/<pipeline name>/")
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    stages: dict[str, Stage]
+    export: ExportConfig = ExportConfig()
+    engine: EngineConfig = EngineConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _names(cls, stages: dict) -> dict:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        for name in stages:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"stage name {name!r} must be a plain name (no '/', no leading '.')")
+        return stages
+
+    def inputs(self, stage_name: str) -> list[str]:
+        src = getattr(self.stages[stage_name], "from_", None)
+        return [] if src is None else ([src] if isinstance(src, str) else list(src))
+
+    def order(self) -> list[str]:
+        """Stages in dependency order (YAML order where free)."""
+        done: list[str] = []
+        pending = list(self.stages)
+        while pending:
+            for name in pending:
+                if all(dep in done for dep in self.inputs(name) + self.extra_inputs(name)):
+                    done.append(name)
+                    pending.remove(name)
+                    break
+        return done
+
+    def extra_inputs(self, stage_name: str) -> list[str]:
+        teacher = getattr(self.stages[stage_name], "teacher", None)
+        return [] if teacher is None else ([teacher] if isinstance(teacher, str) else list(teacher))
+
+
+# ----------------------------------------------------------------------------- loading
+
+class ConfigError(ValueError):
+    """One line for the user: file:line: field.path: what is wrong."""
+
+
+def _node_at(node: yaml.Node | None, loc: tuple) -> tuple[yaml.Node | None, bool]:
+    """Walk a composed YAML node along a pydantic error location; (deepest node, reached the end)."""
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(key):
+                    node = v
+                    break
+            else:
+                return node, False
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return node, False
+    return node, True
+
+
+def _key_node(node: yaml.Node | None, loc: tuple) -> yaml.Node | None:
+    parent, ok = _node_at(node, loc[:-1])
+    if ok and isinstance(parent, yaml.MappingNode):
+        for k, _ in parent.value:
+            if k.value == str(loc[-1]):
+                return k
+    return None
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of `loc` (to suggest the closest valid key)."""
+    model: Any = PipelineConfig
+    stage_types = {"train": TrainStage, "distill": DistillStage, "prune": PruneStage, "quantize": QuantizeStage}
+    i = 0
+    while i < len(loc) - 1:
+        key = loc[i]
+        if model is PipelineConfig and key == "stages":
+            # loc: stages, <name>, <type tag>, field...
+            if i + 2 < len(loc) and loc[i + 2] in stage_types:
+                model, i = stage_types[loc[i + 2]], i + 3
+                continue
+            return None
+        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model, i = ann, i + 1
+    return model if isinstance(model, type) else None
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic puts the union tag into the path (stages.mnv2.distill.epochs); users wrote stages.mnv2.epochs.
+    if len(loc) >= 3 and loc[0] == "stages" and loc[2] in ("train", "distill", "prune", "quantize"):
+        loc = loc[:2] + loc[3:]
+    return tuple(x for x in loc if not (isinstance(x, str) and x.startswith("function-")))
+
+
+def _describe(err: dict, loc: tuple) -> str:
+    kind, msg = err["type"], err["msg"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        model = _model_at(err["loc"])
+        if model is not None:
+            valid = [f.alias or n for n, f in model.model_fields.items()]
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+            return f"unknown key {str(loc[-1])!r}{hint}"
+        return f"unknown key {str(loc[-1])!r}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "union_tag_invalid":
+        return f"unknown stage type {given.get('type')!r}; expected one of: train, distill, prune, quantize"
+    if kind == "union_tag_not_found":
+        return "stage has no 'type'; expected one of: train, distill, prune, quantize"
+    if kind == "literal_error":
+        return f"{msg.replace('Input should be', 'expected')}, got {given!r}"
+    msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
+    if given is not None and not isinstance(given, (dict, list)):
+        msg += f", got {given!r}"
+    return msg
+
+
+def _where(path: str, root: yaml.Node | None, loc: tuple, overridden: set[str]) -> str:
+    dotted = ".".join(str(x) for x in loc)
+    if any(dotted == o or dotted.startswith(o + ".") for o in overridden):
+        return f"{path} (--set {dotted})"
+    node = _key_node(root, loc) if loc else None
+    if node is None:
+        node, _ = _node_at(root, loc)
+    return f"{path}:{node.start_mark.line + 1}" if node is not None else path
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    parsed = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.path=value (e.g. --set stages.teacher.epochs=1)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such pipeline file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; expected a mapping with 'name' and 'stages'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping with 'name' and 'stages', got {type(data).__name__}")
+    if any(not isinstance(k, str) for k in data):
+        raise ConfigError(f"{path}:1: top-level keys must be strings")
+
+    overridden = set()
+    for keys, value in parse_overrides(overrides or []):
+        target = data
+        for k in keys[:-1]:
+            nxt = target.get(k) if isinstance(target, dict) else None
+            if nxt is None:
+                nxt = target[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {'.'.join(keys)}: {k!r} is not a mapping")
+            target = nxt
+        target[keys[-1]] = value
+        overridden.add(".".join(keys))
+
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = _clean_loc(err["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{_where(str(path), root, loc, overridden)}: {'.'.join(map(str, loc)) or '<top>'}: "
+                          f"{_describe(err, loc)}{more}") from None
+    _check_graph(cfg, str(path), root, overridden)
+    return cfg
+
+
+def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> None:
+    names = list(cfg.stages)
+    needs_input = {"distill", "prune", "quantize"}
+    for name, stage in cfg.stages.items():
+        for key, deps in (("from", cfg.inputs(name)), ("teacher", cfg.extra_inputs(name))):
+            for dep in deps:
+                if dep not in cfg.stages:
+                    close = difflib.get_close_matches(dep, names, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else f"; stages are: {', '.join(names)}"
+                    loc = ("stages", name, key)
+                    raise ConfigError(f"{_where(path, root, loc, overridden)}: stages.{name}.{key}: "
+                                      f"no stage named {dep!r}{hint}")
+                if dep == name:
+                    raise ConfigError(f"{_where(path, root, ('stages', name, key), overridden)}: "
+                                      f"stages.{name}.{key}: a stage cannot take its own output")
+                if cfg.stages[dep].type == "quantize":
+                    raise ConfigError(f"{_where(path, root, ('stages', name, key), overridden)}: "
+                                      f"stages.{name}.{key}: {dep!r} is an INT8 ONNX model; train, distill "
+                                      f"and prune need a PyTorch model")
+        if stage.type in needs_input and not cfg.inputs(name):
+            raise ConfigError(f"{_where(path, root, ('stages', name), overridden)}: stages.{name}: "
+                              f"a {stage.type} stage needs 'from'")
+    # Cycle check (Kahn): anything left over sits on a cycle.
+    remaining = {n: set(cfg.inputs(n) + cfg.extra_inputs(n)) for n in names}
+    while True:
+        free = [n for n, deps in remaining.items() if not deps]
+        if not free:
+            break
+        for n in free:
+            del remaining[n]
+        for deps in remaining.values():
+            deps.difference_update(free)
+    # Drop stages that merely hang below a cycle (nothing left depends on them).
+    while True:
+        needed = set().union(*remaining.values()) if remaining else set()
+        sinks = [n for n in remaining if n not in needed]
+        if not sinks:
+            break
+        for n in sinks:
+            del remaining[n]
+    if remaining:
+        cycle = sorted(remaining)
+        raise ConfigError(f"{_where(path, root, ('stages', cycle[0]), overridden)}: stages: "
+                          f"the stages {', '.join(cycle)} depend on each other in a cycle")

@@ -1,0 +1,166 @@
+"""Stage graph runner: order, cache keys, manifests, then engines, benchmark and report.
+
+Data flow: validated config -> one directory per run (`runs/<name>/<stage>/`: the stage's
+model, its ONNX and a manifest with config, input hashes, versions, metrics and wall time)
+-> benchmark rows -> `reports/<name>/`.
+
+A stage is skipped when its cache key (its config, the data config and seed, the hashes of
+its inputs' files and the package version) matches the manifest from a previous run and
+its files are still there, DVC-style; everything downstream of a re-run stage re-runs
+because its inputs' hashes change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib import import_module
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import compress
+from compress.config import PipelineConfig
+from compress.context import Artifact, Context, seed_everything
+from compress.io import atomic_write_json, sha256_file
+
+MANIFEST = "manifest.json"
+MODEL_STAGES = {"train", "distill", "prune", "quantize"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA GPU (use device: auto or cpu)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"compress": compress.__version__}
+    for pkg in ("torch", "torch-pruning", "nncf", "onnx", "onnxruntime", "tensorrt"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact]) -> str:
+    stage = cfg.stages[name]
+    payload = {
+        "stage": stage.model_dump(mode="json", by_alias=True),
+        "data": cfg.data.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "export": cfg.export.model_dump(mode="json"),
+        "inputs": {a.name: {k: sha256_file(v) for k, v in sorted(a.files.items()) if k in ("model", "onnx_int8")}
+                   for a in inputs},
+        "compress": compress.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _cached(manifest_path: Path, key: str) -> Artifact | None:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("key") != key or manifest.get("status") != "done":
+        return None
+    artifact = Artifact(**manifest["artifact"])
+    if not all(Path(p).is_file() for p in artifact.files.values()):
+        return None
+    return artifact
+
+
+def teachers_of(cfg: PipelineConfig, name: str, artifacts: dict[str, Artifact]) -> list[Artifact]:
+    """Who teaches a stage: distill -> its `from`; prune -> `teacher:`, else the teacher of the
+    model being pruned (or that model itself, when it was trained without one)."""
+    stage = cfg.stages[name]
+    if stage.type == "distill":
+        return [artifacts[n] for n in cfg.inputs(name)]
+    if stage.type == "prune":
+        if cfg.extra_inputs(name):
+            return [artifacts[n] for n in cfg.extra_inputs(name)]
+        parent = artifacts[cfg.inputs(name)[0]]
+        names = parent.metrics.get("teachers") or [parent.name]
+        return [artifacts[n] for n in names]
+    return []
+
+
+def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = Path("runs"),
+                 force: tuple[str, ...] = (), log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Run every stage (or reuse it from cache), benchmark every artifact, write the report; return its dir."""
+    from compress.data import build_data
+    from compress.stages import benchmark, engine, export, report
+
+    started = time.perf_counter()
+    run_dir = runs_dir / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.benchmark.threads:
+        torch.set_num_threads(cfg.benchmark.threads)
+    data = build_data(cfg.data, device, cfg.seed)
+    log(f"data: {data.name} from {data.source}: {data.num_train} train / {data.num_val} val / "
+        f"{data.num_test} test images, {data.in_channels}x{data.image_size[0]}x{data.image_size[1]}, "
+        f"{data.num_classes} classes; device {device}")
+
+    artifacts: dict[str, Artifact] = {}
+    stage_times: dict[str, float] = {}
+    base_dir = pipeline_path.parent
+    for name in cfg.order():
+        stage_cfg = cfg.stages[name]
+        inputs = [artifacts[n] for n in cfg.inputs(name)]
+        teachers = teachers_of(cfg, name, artifacts)
+        key = stage_key(cfg, name, inputs + [t for t in teachers if t not in inputs])
+        stage_dir = run_dir / name
+        manifest_path = stage_dir / MANIFEST
+        if name not in force and (cached := _cached(manifest_path, key)) is not None:
+            artifacts[name] = cached
+            stage_times[name] = 0.0
+            log(f"[{name}] unchanged since the last run (cache key {key[:12]}): skipped")
+            continue
+        log(f"[{name}] {stage_cfg.type}" + (f" from {', '.join(a.name for a in inputs)}" if inputs else ""))
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        ctx = Context(run_dir=run_dir, stage_dir=stage_dir, stage_name=name, device=device, seed=cfg.seed,
+                      data=data, inputs=inputs, teachers=teachers, artifacts=artifacts, base_dir=base_dir,
+                      log=log, progress=progress)
+        t0 = time.perf_counter()
+        stage_module = import_module(f"compress.stages.{stage_cfg.type}")
+        artifact = stage_module.run(stage_cfg, ctx)
+        artifact = export.run(cfg.export, ctx, artifact)
+        wall = time.perf_counter() - t0
+        artifact.metrics["wall_seconds"] = round(wall, 2)
+        stage_times[name] = wall
+        artifacts[name] = artifact
+        atomic_write_json(manifest_path, {
+            "status": "done",
+            "key": key,
+            "stage": name,
+            "config": stage_cfg.model_dump(mode="json", by_alias=True),
+            "inputs": {a.name: {k: sha256_file(v) for k, v in a.files.items()} for a in inputs},
+            "teachers": [t.name for t in teachers],
+            "outputs": {k: sha256_file(v) for k, v in artifact.files.items()},
+            "versions": versions(),
+            "wall_seconds": round(wall, 2),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "artifact": asdict(artifact),
+        })
+        log(f"[{name}] done in {wall:.1f} s")
+
+    ctx = Context(run_dir=run_dir, stage_dir=run_dir, stage_name="benchmark", device=device, seed=cfg.seed,
+                  data=data, inputs=list(artifacts.values()), teachers=[], artifacts=artifacts,
+                  base_dir=base_dir, log=log, progress=progress)
+    engines = engine.run(cfg.engine, ctx)
+    t0 = time.perf_counter()
+    rows = benchmark.run(cfg.benchmark, ctx, engines)
+    stage_times["benchmark"] = time.perf_counter() - t0
+    stage_times["total"] = time.perf_counter() - started
+    return report.run(cfg, ctx, rows, stage_times=stage_times, pipeline_path=pipeline_path)
