@@ -1,0 +1,239 @@
+"""The in-memory dataset every stage reads: one uint8 (N, C, H, W) tensor per split, on the device.
+
+Small vision datasets fit in accelerator memory many times over, so there is no DataLoader and no
+per-image Python: a batch is an index into the stored tensor, augmented (random crop after zero
+padding, horizontal flip) by one gather and normalized in bulk, all on the device.
+
+Randomness comes from a CPU generator seeded from (run seed, epoch) and is moved to the device
+once per epoch, so a run is reproducible and sees the same order on CPU and GPU. The val split,
+the imagefolder test hold-out and the calibration subset use fixed seeds of their own, not the
+run seed: they are part of the dataset, and runs with different seeds are scored on the same
+images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compress.config import DataConfig
+
+SPLITS = ("train", "val", "test")
+SPLIT_SEED = 0         # val hold-out (and imagefolder's test hold-out when there is no test/)
+CALIBRATION_SEED = 1   # which train images calibrate quantization
+
+
+class DataError(ValueError):
+    """A dataset that cannot be found or trusted; the message is one line meant for the user."""
+
+
+@dataclass
+class RawData:
+    """What a dataset loader returns, before the val hold-out."""
+
+    name: str
+    class_names: list[str]
+    train_x: np.ndarray     # (N, C, H, W) uint8
+    train_y: np.ndarray     # (N,) int64
+    test_x: np.ndarray
+    test_y: np.ndarray
+    source: str             # where the files were found, or how the images were made
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (e.g. run seed and epoch) without collisions."""
+    state = np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+def split_indices(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold k of n items out by a seeded permutation: (kept, held), each in ascending order."""
+    perm = torch.randperm(n, generator=seeded_generator(seed)).numpy()
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def random_crop_flip(x: Tensor, padding: int, dy: Tensor, dx: Tensor, flip: Tensor | None) -> Tensor:
+    """Crop each image at offset (dy, dx) of its zero-padded self, mirrored where `flip`; one gather.
+
+    x: (B, C, H, W); dy, dx: (B,) ints in [0, 2 * padding]; flip: (B,) bool or None.
+    Mirroring the crop is reading its columns right to left, so flip costs no extra pass.
+    """
+    b, c, h, w = x.shape
+    if padding:
+        x = F.pad(x, (padding, padding, padding, padding))
+    rows = dy[:, None] + torch.arange(h, device=x.device)                  # (B, H)
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    if flip is not None:
+        cols = torch.where(flip[:, None], w - 1 - cols, cols)
+    cols = cols + dx[:, None]                                              # (B, W)
+    return x[torch.arange(b, device=x.device)[:, None, None, None],
+             torch.arange(c, device=x.device)[None, :, None, None],
+             rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std of uint8 images on the [0, 1] scale, from 256-bin histograms."""
+    hist = torch.stack([torch.bincount(x[:, ch].reshape(-1), minlength=256) for ch in range(x.shape[1])])
+    hist = hist.double().cpu()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    count = hist.sum(1)
+    mean = (hist * values).sum(1) / count
+    var = ((hist * values**2).sum(1) / count - mean**2).clamp(min=0)
+    std = var.sqrt().where(var > 1e-12, torch.ones_like(var))   # constant images: leave them unscaled
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _fingerprint(raw: RawData) -> str:
+    h = hashlib.sha256()
+    h.update(repr((raw.name, raw.class_names)).encode())
+    for arr in (raw.train_x, raw.train_y, raw.test_x, raw.test_y):
+        arr = np.ascontiguousarray(arr)
+        h.update(repr((arr.dtype.str, arr.shape)).encode())
+        h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def _check(raw: RawData, cfg: DataConfig) -> None:
+    for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise DataError(f"{raw.source}: {split} images must be uint8 (N, C, H, W), got {x.dtype} {x.shape}")
+        if len(x) != len(y):
+            raise DataError(f"{raw.source}: {split} has {len(x)} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= len(raw.class_names)):
+            raise DataError(f"{raw.source}: {split} labels span {y.min()}..{y.max()}, "
+                            f"expected 0..{len(raw.class_names) - 1}")
+    if raw.test_x.shape[1:] != raw.train_x.shape[1:]:
+        raise DataError(f"{raw.source}: test images are {raw.test_x.shape[1:]}, train images {raw.train_x.shape[1:]}")
+    if cfg.val_size >= len(raw.train_x):
+        raise DataError(f"data.val_size={cfg.val_size} leaves no training images: {raw.name} has "
+                        f"{len(raw.train_x)}; set data.val_size lower")
+
+
+class DataModule:
+    """A dataset held on `device`, split into train / val / test, with batch iterators.
+
+    Attributes: name, num_classes, class_names, in_channels, image_size (H, W), mean and std
+    (per channel, on the [0, 1] scale, from the train split after the val hold-out), num_train,
+    num_val, num_test, source, fingerprint (sha256 of the images and labels, for cache keys) and
+    preprocess (what a deployed model must do to a uint8 image).
+    """
+
+    def __init__(self, raw: RawData, cfg: DataConfig, device: torch.device | str, seed: int):
+        _check(raw, cfg)
+        self.name = raw.name
+        self.class_names = list(raw.class_names)
+        self.num_classes = len(self.class_names)
+        self.source = raw.source
+        self.fingerprint = _fingerprint(raw)
+        self.device = torch.device(device)
+        self.seed = seed
+        self.batch_size = cfg.batch_size
+        self.eval_batch_size = cfg.eval_batch_size
+        self.crop_padding = cfg.augment.crop_padding
+        self.hflip = cfg.augment.hflip
+
+        train_idx, val_idx = split_indices(len(raw.train_x), cfg.val_size, SPLIT_SEED)
+        arrays = {"train": (raw.train_x[train_idx], raw.train_y[train_idx]),
+                  "val": (raw.train_x[val_idx], raw.train_y[val_idx]),
+                  "test": (raw.test_x, raw.test_y)}
+        # np.require copies read-only buffers (np.frombuffer) that torch would warn about
+        self._x = {s: torch.from_numpy(np.require(x, requirements="CW")).to(self.device)
+                   for s, (x, _) in arrays.items()}
+        self._y = {s: torch.from_numpy(y.astype(np.int64)).to(self.device) for s, (_, y) in arrays.items()}
+
+        _, self.in_channels, h, w = self._x["train"].shape
+        self.image_size = (h, w)
+        self.num_train, self.num_val, self.num_test = (len(self._y[s]) for s in SPLITS)
+        self.mean, self.std = _channel_stats(self._x["train"])
+        self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.preprocess = {
+            "size": [h, w],
+            "channels": self.in_channels,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "scale": 1 / 255,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "formula": "x = (pixel * scale - mean[c]) / std[c]",
+            "class_names": self.class_names,
+        }
+
+    def __repr__(self) -> str:
+        return (f"DataModule({self.name}: {self.num_train} train / {self.num_val} val / {self.num_test} test, "
+                f"{self.in_channels}x{self.image_size[0]}x{self.image_size[1]}, {self.num_classes} classes, "
+                f"from {self.source})")
+
+    def summary(self) -> dict:
+        """Plain values for manifests and the report."""
+        return {"name": self.name, "source": self.source, "fingerprint": self.fingerprint,
+                "num_train": self.num_train, "num_val": self.num_val, "num_test": self.num_test,
+                "num_classes": self.num_classes, "preprocess": self.preprocess}
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) -> float32, scaled to [0, 1] then standardized per channel."""
+        return (x.float() / 255 - self._mean) / self._std
+
+    def steps_per_epoch(self, batch_size: int | None = None) -> int:
+        return math.ceil(self.num_train / (batch_size or self.batch_size))
+
+    def train_batches(self, epoch: int, batch_size: int | None = None,
+                      augment: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch of shuffled, augmented, normalized (images, labels) on the device.
+
+        Nothing is dropped: the epoch is cut into steps_per_epoch() batches of near-equal size
+        (differing by at most one, none larger than batch_size), so there is no straggler batch of
+        one image to upset BatchNorm. The order depends only on (seed, epoch); `augment=False`
+        gives the same order without crop and flip.
+        """
+        n = self.num_train
+        g = seeded_generator(self.seed, epoch)
+        order = torch.randperm(n, generator=g)
+        pad = self.crop_padding if augment else 0
+        flip = augment and self.hflip
+        offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=g) if pad else torch.full((2, n), 0)
+        flips = torch.rand(n, generator=g) < 0.5 if flip else None
+        to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        order, offsets = to_device(order), to_device(offsets)
+        flips = to_device(flips) if flips is not None else None
+
+        steps = self.steps_per_epoch(batch_size)
+        x, y = self._x["train"], self._y["train"]
+        for pos in torch.arange(n, device=self.device).tensor_split(steps):
+            idx = order[pos]
+            xb = x[idx]
+            if pad or flip:
+                xb = random_crop_flip(xb, pad, offsets[0, pos], offsets[1, pos], flips[pos] if flip else None)
+            yield self.normalize(xb), y[idx]
+
+    def eval_batches(self, split: str, batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """A split in its fixed order, normalized, without augmentation."""
+        x, y = self._split(split)
+        bs = batch_size or self.eval_batch_size
+        for start in range(0, len(y), bs):
+            yield self.normalize(x[start:start + bs]), y[start:start + bs]
+
+    def images(self, split: str, n: int) -> tuple[Tensor, Tensor]:
+        """The first n (or all, if fewer) normalized images and labels of a split."""
+        x, y = self._split(split)
+        return self.normalize(x[:n]), y[:n]
+
+    def calibration_images(self, n: int) -> Tensor:
+        """n normalized train images (all of them, if fewer), the same subset in every run.
+
+        Drawn from train only: calibrating on val or test would leak them into the int8 model.
+        """
+        idx = torch.randperm(self.num_train, generator=seeded_generator(CALIBRATION_SEED))[:n]
+        return self.normalize(self._x["train"][idx.to(self.device)])
+
+    def _split(self, split: str) -> tuple[Tensor, Tensor]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        return self._x[split], self._y[split]
