@@ -52,11 +52,12 @@ def versions() -> dict:
     return out
 
 
-def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact]) -> str:
+def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_fingerprint: str) -> str:
     stage = cfg.stages[name]
     payload = {
         "stage": stage.model_dump(mode="json", by_alias=True),
         "data": cfg.data.model_dump(mode="json"),
+        "data_fingerprint": data_fingerprint,
         "seed": cfg.seed,
         "export": cfg.export.model_dump(mode="json"),
         "inputs": {a.name: {k: sha256_file(v) for k, v in sorted(a.files.items()) if k in ("model", "onnx_int8")}
@@ -106,7 +107,7 @@ def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = P
     device = resolve_device(cfg.device)
     if cfg.benchmark.threads:
         torch.set_num_threads(cfg.benchmark.threads)
-    data = build_data(cfg.data, device, cfg.seed)
+    data = build_data(cfg.data, device, cfg.seed, log=log)
     log(f"data: {data.name} from {data.source}: {data.num_train} train / {data.num_val} val / "
         f"{data.num_test} test images, {data.in_channels}x{data.image_size[0]}x{data.image_size[1]}, "
         f"{data.num_classes} classes; device {device}")
@@ -118,7 +119,7 @@ def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = P
         stage_cfg = cfg.stages[name]
         inputs = [artifacts[n] for n in cfg.inputs(name)]
         teachers = teachers_of(cfg, name, artifacts)
-        key = stage_key(cfg, name, inputs + [t for t in teachers if t not in inputs])
+        key = stage_key(cfg, name, inputs + [t for t in teachers if t not in inputs], data.fingerprint)
         stage_dir = run_dir / name
         manifest_path = stage_dir / MANIFEST
         if name not in force and (cached := _cached(manifest_path, key)) is not None:
