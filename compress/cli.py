@@ -79,6 +79,7 @@ def run(
     * `compress run pipelines/distill.yaml --force mnv2-int8`
     """
     from compress import config
+    from compress.context import StageError
     from compress.pipeline import run_pipeline
 
     overrides = list(set_) + ([f"report.dir={reports}"] if reports else [])
@@ -92,6 +93,8 @@ def run(
                                   progress=not no_progress and sys.stderr.isatty())
     except _user_errors() as exc:
         _fail(str(exc))
+    except StageError as exc:
+        _fail(str(exc), code=1)
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     console.print(f"[bold green]report:[/] {report_dir / 'report.md'}")

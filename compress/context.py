@@ -19,6 +19,10 @@ from compress.io import load_model, save_model
 from compress.registry import ModelError, count_macs, count_params, create_model
 
 
+class StageError(RuntimeError):
+    """A stage that cannot do what its config asks (e.g. an unreachable prune target); one line for the user."""
+
+
 @dataclass
 class Artifact:
     """A model produced by a stage, in every form later stages and the report need."""
