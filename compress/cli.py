@@ -119,7 +119,9 @@ def validate(
     for name in cfg.order():
         stage = cfg.stages[name]
         src = cfg.inputs(name)
-        what = getattr(stage, "model", None) or getattr(stage, "method", "")
+        what = {"prune": lambda: f"keep {stage.target_macs or stage.target_params:g} of "
+                                 f"{'MACs' if stage.target_macs else 'params'}",
+                "quantize": lambda: f"{stage.method} int8"}.get(stage.type, lambda: stage.model)()
         typer.echo(f"  {name:<20} {stage.type:<9} {what:<22} {('<- ' + ', '.join(src)) if src else ''}")
 
 

@@ -87,7 +87,9 @@ class PruneStage(OptimConfig, KDConfig):
     from_: str = Field(alias="from")
     target_macs: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the MACs")
     target_params: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the parameters")
-    importance: Literal["l1", "l2", "random"] = "l2"
+    importance: Literal["l1", "l2", "lamp", "fpgm", "random"] = "l1"
+    global_pruning: bool = Field(False, description="rank channels across layers instead of pruning each "
+                                                    "layer by the same ratio")
     round_to: int = Field(8, ge=1, description="pruned channel counts stay multiples of this")
     iterative_steps: int = Field(5, ge=1)
     finetune_epochs: int = Field(1, ge=0)

@@ -25,10 +25,11 @@ from compress.config import OptimConfig
 REFRESH_EVERY = 20  # steps between progress-bar updates (each update syncs the device)
 
 
-def make_optimizer(model: nn.Module, opts: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, opts: OptimConfig, extra: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
     # No weight decay on biases and norm parameters (the usual ResNet/MobileNet recipe).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    params = [p for p in [*model.parameters(), *extra] if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if opts.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=opts.lr)
@@ -74,6 +75,30 @@ def evaluate(model: nn.Module, batches) -> float:
     return float(correct) * 100.0 / max(total, 1)
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, max_batches: int = 20) -> None:
+    """Re-estimate BatchNorm running statistics from scratch (a cumulative average over the batches).
+
+    After pruning, the kept channels' statistics no longer match what the thinner layers
+    before them produce; recalibrating lifts a freshly pruned model from near chance to a
+    sensible start for fine-tuning, for the cost of a few forward passes.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    for i, (x, _) in enumerate(batches):
+        if i >= max_batches:
+            break
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch.device,
         teachers: list[nn.Module] = (), kd_loss: Callable | None = None,
         log: Callable[[str], None] = print, progress: bool = True, desc: str = "train") -> dict:
@@ -89,7 +114,11 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
         t.to(device).eval().requires_grad_(False)
     batch_size = opts.batch_size or data.batch_size
     steps_per_epoch = data.steps_per_epoch(batch_size)
-    optimizer = make_optimizer(model, opts)
+    # A distillation loss may learn too (e.g. adapters between feature maps): train it with the student.
+    loss_params = list(kd_loss.parameters()) if isinstance(kd_loss, nn.Module) else []
+    if loss_params:
+        kd_loss.to(device).train()
+    optimizer = make_optimizer(model, opts, loss_params)
     scheduler = make_scheduler(optimizer, opts, epochs * steps_per_epoch, steps_per_epoch)
     autocast, scaler = autocast_for(device, opts.amp)
     has_val = data.num_val > 0

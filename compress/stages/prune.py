@@ -3,7 +3,10 @@
 From "DepGraph: Towards Any Structural Pruning" (Fang et al., CVPR 2023). Coupled layers
 (a residual sum, a depthwise conv and its producer, a squeeze-excite gate) are grouped and
 lose the same channels together, so the pruned model is a smaller dense network, not a
-masked one. Channels are ranked globally across groups by a magnitude score.
+masked one. By default every layer loses the same share of its channels, ranked by weight
+magnitude within the layer: ranking globally by raw magnitude (`global_pruning`) compares
+layers of different scales and, on our Fashion-MNIST students at half the MACs, emptied
+whole useful layers (accuracy at chance before fine-tuning, against ~50-60% per layer).
 
 The target is a measured budget (keep ``ratio`` of the MACs or parameters), not a channel
 ratio: channel ratio and MACs are related only roughly (MACs fall about quadratically, less
@@ -80,6 +83,7 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, *,
                 importance: str = "l2",         # channel score: "l1", "l2", "lamp", "fpgm", "random"
                 round_to: int = 8,              # pruned layers keep a multiple of this many channels
                 iterative_steps: int = 5,       # rounds, each followed by calib_fn
+                global_pruning: bool = False,   # rank channels across layers (True) or prune each layer alike
                 calib_fn: Callable[[nn.Module], None] | None = None) -> dict:
     """Prune ``model`` in place until its MACs (or params) are at most ``ratio`` of what they were.
 
@@ -115,7 +119,7 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, *,
     with torch.enable_grad():  # torch-pruning traces the graph through autograd
         pruner = tp.pruner.BasePruner(
             model, example_inputs[:1], importance=imp,
-            global_pruning=True,                      # rank channels across layers, not a fixed ratio per layer
+            global_pruning=global_pruning,
             pruning_ratio=_MAX_CHANNEL_RATIO, iterative_steps=_SUBSTEPS,  # many small steps; we stop early
             max_pruning_ratio=_MAX_LAYER_RATIO,
             round_to=round_to if round_to and round_to > 1 else None,
@@ -155,7 +159,7 @@ def run(cfg, ctx):
     """Prune the parent to the MACs (or params) budget, then fine-tune it with KD from its teacher."""
     from compress.context import StageError
     from compress.losses import KDLoss
-    from compress.training import evaluate, fit
+    from compress.training import evaluate, fit, recalibrate_bn
 
     parent = ctx.inputs[0]
     model = ctx.load_model(parent).to(ctx.device)
@@ -163,7 +167,8 @@ def run(cfg, ctx):
     try:
         info = prune_model(model, torch.zeros(1, *ctx.input_shape(), device=ctx.device), target=target,
                            ratio=ratio, importance=cfg.importance, round_to=cfg.round_to,
-                           iterative_steps=cfg.iterative_steps)
+                           iterative_steps=cfg.iterative_steps, global_pruning=cfg.global_pruning,
+                           calib_fn=lambda m: recalibrate_bn(m, ctx.data.train_batches(0, augment=False)))
     except ValueError as exc:
         raise StageError(f"stage {ctx.stage_name!r}: {exc}") from None
     split = "val" if ctx.data.num_val else "train"
