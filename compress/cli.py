@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import compress
 
@@ -31,20 +36,44 @@ is exported to ONNX, checked, benchmarked on every runtime and summarized in a r
 )
 console = Console(stderr=True, highlight=False)
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+# Storage problems are the user's to fix (free space, permissions), not bugs: one line, exit 2.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from compress.config import ConfigError
     from compress.data import DataError
-    from compress.io import CheckpointError
+    from compress.io import CheckpointError, WriteError
+    from compress.pipeline import RunLockedError
     from compress.registry import ModelError
 
-    return ConfigError, DataError, CheckpointError, ModelError
+    return ConfigError, DataError, CheckpointError, ModelError, WriteError, RunLockedError
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(_one_line(message))}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM stops a run the way Ctrl-C does: training checkpoints, the CLI exits 130."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _version(value: bool) -> None:
@@ -88,15 +117,24 @@ def run(
         unknown = [s for s in force if s not in cfg.stages]
         if unknown:
             _fail(f"--force {unknown[0]!r}: no such stage in {pipeline} (stages: {', '.join(cfg.stages)})")
-        report_dir = run_pipeline(cfg, pipeline_path=pipeline, runs_dir=out, force=tuple(force),
-                                  log=lambda m: console.print(m, markup=False, highlight=False),
-                                  progress=not no_progress and sys.stderr.isatty())
+        with _sigterm_as_ctrl_c():
+            report_dir = run_pipeline(cfg, pipeline_path=pipeline, runs_dir=out, force=tuple(force),
+                                      log=lambda m: console.print(m, markup=False, highlight=False),
+                                      progress=not no_progress and sys.stderr.isatty())
     except _user_errors() as exc:
         _fail(str(exc))
-    except StageError as exc:
+    except (StageError, FloatingPointError) as exc:  # the config is valid, the stage could not do it
         _fail(str(exc), code=1)
-    except KeyboardInterrupt:
-        _fail("interrupted", code=130)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        _fail(f"{str(exc.filename) + ': ' if exc.filename else ''}{exc.strerror or exc}")
+    except KeyboardInterrupt as exc:
+        message = _one_line(str(exc) or "interrupted")
+        if "resume" not in message:
+            message += "; finished stages are kept, and the same command continues from there"
+        console.print(f"[bold yellow]stopped:[/] {escape(message)}", soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
     console.print(f"[bold green]report:[/] {report_dir / 'report.md'}")
 
 
@@ -151,6 +189,79 @@ def models(
         table.add_row(name, model_family(name), f"{count_params(model) / 1e6:.3f} M",
                       f"{count_macs(model, (c, h, w)) / 1e6:.2f} M")
     Console().print(table)
+
+
+
+@app.command()
+def compare(
+    reports: list[Path] = typer.Argument(..., help="Two or more report.json files or report directories; the first is "
+                                                   "the baseline."),
+    fail_if: list[str] = typer.Option([], "--fail-if", help="Gate, repeatable: accuracy_drop>POINTS, "
+                                                            "latency_increase>MS or latency_increase>PCT%."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write an overlaid accuracy-vs-latency plot (PNG)."),
+) -> None:
+    """Compare reports artifact by artifact (name, runtime, precision): accuracy, p50 latency and deltas.
+
+    Exits 1 when a `--fail-if` gate is violated (one line per gate), 2 on unreadable input.
+
+    **Examples**
+
+    * `compress compare reports/baseline reports/smoke`
+    * `compress compare base/report.json new/report.json --fail-if "accuracy_drop>0.5" --fail-if "latency_increase>10%"`
+    * `compress compare a b c --plot compare.png`
+    """
+    from compress import compare as cmp
+
+    try:
+        gates = [cmp.parse_gate(g) for g in fail_if]
+        result = cmp.compare([cmp.load_report(r) for r in reports])
+    except cmp.CompareError as exc:
+        _fail(str(exc))
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    out.print(cmp.table(result))
+    for line in cmp.legend(result):
+        out.print(line, markup=False)
+    if result.machine_note:
+        out.print(f"[yellow]note:[/] {result.machine_note}")
+    if plot:
+        out.print(f"plot: {cmp.plot(result, plot)}", markup=False)
+    failures = cmp.check_gates(result, gates)
+    for line in failures:
+        console.print(f"[bold red]gate:[/] {line}", soft_wrap=True, markup=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def deploy(
+    source: Path = typer.Argument(..., help="A run directory (runs/NAME), a report directory or a report.json."),
+    artifact: str = typer.Option(..., "--artifact", "-a", help="Stage name of the model to ship, e.g. student-int8."),
+    target: str = typer.Option(..., "--target", "-t", help="triton, jetson or onnx."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory (created; must be empty unless --force)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: int8 for a "
+                                                                      "quantize stage, jetson fp16, else fp32)."),
+    runs: Optional[Path] = typer.Option(None, "--runs", help="Where a report's run directory is (default: the "
+                                                             "report's run_dir, else runs/)."),
+    reports: Path = typer.Option(Path("reports"), "--reports", help="Where a run directory's report is."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+) -> None:
+    """Bundle one artifact for serving: the model, manifest.json (preprocessing, labels, hashes) and infer.py.
+
+    **Examples**
+
+    * `compress deploy runs/fashion-distill --artifact mnv2-int8 --target onnx --out dist/mnv2-int8`
+    * `compress deploy reports/smoke --artifact student --target triton --out model_repository`
+    * `compress deploy reports/smoke --artifact student --target jetson --out dist/jetson`, then on the
+      device `./build_engine.sh && python3 infer.py image.png`
+    """
+    from compress.deploy import DeployError, deploy as make_bundle
+
+    try:
+        bundle = make_bundle(source, artifact, target, out, precision=precision, runs=runs, reports=reports,
+                             force=force, log=lambda m: console.print(m, markup=False, highlight=False))
+    except (DeployError, *_user_errors()) as exc:
+        _fail(str(exc))
+    console.print(f"[bold green]bundle:[/] {bundle}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,10 +63,88 @@ class OptimConfig(Strict):
     batch_size: int | None = Field(None, ge=1, description="overrides data.batch_size for this stage")
 
 
+# Distillation (distill stages, and the fine-tuning after prune). The loss is
+#   ce_weight * CE(labels) + alpha * <logit method> + features.weight * <feature method>
+# with defaults per method from each paper's CIFAR recipe (compress.losses has the papers):
+#   method      temperature  alpha  ce_weight
+#   kd          4            0.9    1 - alpha   (Hinton's convex mix)
+#   dkd         4            1.0    1.0         (+ dkd: tckd 1, nckd 8, 0.5 epoch warm-up)
+#   dist        4            1.0    1.0         (+ dist: inter 1, intra 1)
+#   logit_std   2            9.0    0.1         (the base temperature after z-scoring)
+#   none        -            0      1.0         (cross-entropy, plus features if given)
+LOGIT_DEFAULTS: dict[str, tuple[float | None, float, float | None]] = {
+    "kd": (4.0, 0.9, None), "dkd": (4.0, 1.0, 1.0), "dist": (4.0, 1.0, 1.0), "logit_std": (2.0, 9.0, 0.1),
+    "none": (None, 0.0, 1.0)}
+FEATURE_WEIGHTS = {"fitnet": 1.0, "at": 1000.0}
+
+
+class DKDOptions(Strict):
+    """Decoupled KD: the KD loss split into its target-class and non-target-class parts."""
+
+    tckd: float = Field(1.0, ge=0, description="weight of target-class KD (the paper's alpha)")
+    nckd: float = Field(8.0, ge=0, description="weight of non-target-class KD (the paper's beta)")
+    warmup_epochs: float = Field(0.5, ge=0, description="the DKD term's weight rises linearly from 0 over "
+                                                        "these epochs (the paper: 20 of 240; our schedules are short)")
+
+
+class DISTOptions(Strict):
+    """DIST: match the teacher's relations (Pearson correlation) rather than its exact probabilities."""
+
+    inter: float = Field(1.0, ge=0, description="weight of the inter-class relation: each image's "
+                                                "probabilities across classes (the paper's beta)")
+    intra: float = Field(1.0, ge=0, description="weight of the intra-class relation: each class's "
+                                                "probabilities across the batch (the paper's gamma)")
+
+
+class FeatureConfig(Strict):
+    """Feature distillation between named layers of the (first) teacher and the student."""
+
+    method: Literal["fitnet", "at"] = Field(description="fitnet: regress the teacher's feature map through a "
+                                                        "learned 1x1 adapter; at: match spatial attention maps")
+    weight: float | None = Field(None, ge=0, description="default: fitnet 1, at 1000")
+    pairs: list[tuple[str, str]] | None = Field(None, min_length=1, description=(
+        "[teacher layer, student layer] module names (see `model.named_modules()`), e.g. [[stages.1, blocks.6]]; "
+        "default: the teacher's last feature map before pooling with, for fitnet, the student's last one, for at, "
+        "the student's deepest block at the teacher's resolution"))
+
+    @model_validator(mode="after")
+    def _weight(self):
+        if self.weight is None:
+            self.weight = FEATURE_WEIGHTS[self.method]
+        return self
+
+
 class KDConfig(Strict):
-    method: Literal["kd"] = Field("kd", description="distillation loss (Hinton KD)")
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1-alpha goes to cross-entropy")
+    method: Literal["kd", "dkd", "dist", "logit_std", "none"] = Field(
+        "kd", description="logit distillation: kd (Hinton), dkd (decoupled), dist (correlations), logit_std "
+                          "(z-scored KD), none (cross-entropy only, plus `features`)")
+    temperature: float | None = Field(None, gt=0, description="softmax temperature (default per method)")
+    alpha: float | None = Field(None, ge=0, description="weight of the logit distillation term (default per method)")
+    ce_weight: float | None = Field(None, ge=0, description="weight of cross-entropy on the labels (default: "
+                                                            "kd 1 - alpha, dkd and dist 1, logit_std 0.1)")
+    dkd: DKDOptions = DKDOptions()
+    dist: DISTOptions = DISTOptions()
+    features: FeatureConfig | None = Field(None, description="add a feature loss: {method: fitnet|at, weight, pairs}")
+    teacher_weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="relative weight of each teacher's soft targets (default: equal)")
+
+    @model_validator(mode="after")
+    def _method_defaults(self):
+        for block, default in (("dkd", DKDOptions()), ("dist", DISTOptions())):
+            if self.method != block and getattr(self, block) != default:
+                raise ValueError(f"'{block}' options apply to method: {block}, but method is {self.method}")
+        temperature, alpha, ce_weight = LOGIT_DEFAULTS[self.method]
+        if self.method == "none" and self.alpha:
+            raise ValueError("alpha weights the logit distillation term, and method: none has none")
+        self.temperature = self.temperature if self.temperature is not None else temperature
+        self.alpha = self.alpha if self.alpha is not None else alpha
+        if self.ce_weight is None:
+            if ce_weight is None and self.alpha > 1:
+                raise ValueError(f"alpha={self.alpha} > 1 leaves 1 - alpha < 0 for cross-entropy; set ce_weight")
+            self.ce_weight = round(1.0 - self.alpha, 12) if ce_weight is None else ce_weight
+        if self.teacher_weights is not None and sum(self.teacher_weights) <= 0:
+            raise ValueError("teacher_weights must not all be zero")
+        return self
 
 
 class TrainStage(OptimConfig):
@@ -80,6 +158,14 @@ class DistillStage(OptimConfig, KDConfig):
     from_: str | list[str] = Field(alias="from", description="teacher stage name, or a list for an ensemble")
     model: str
     epochs: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _one_weight_per_teacher(self):
+        teachers = [self.from_] if isinstance(self.from_, str) else self.from_
+        if self.teacher_weights is not None and len(self.teacher_weights) != len(teachers):
+            raise ValueError(f"teacher_weights has {len(self.teacher_weights)} entries for {len(teachers)} "
+                             f"teacher(s) in 'from'")
+        return self
 
 
 class PruneStage(OptimConfig, KDConfig):
@@ -106,11 +192,21 @@ class PruneStage(OptimConfig, KDConfig):
         return self
 
 
-class QuantizeStage(Strict):
+class QuantizeStage(OptimConfig):
     type: Literal["quantize"]
     from_: str = Field(alias="from")
-    method: Literal["ptq"] = Field("ptq", description="NNCF post-training quantization to INT8")
+    method: Literal["ptq", "qat"] = Field("ptq", description="ptq: NNCF post-training INT8; qat: PTQ, then "
+                                                            "quantization-aware fine-tuning with KD")
     calibration_size: int = Field(512, ge=1, description="training images used to calibrate")
+    # qat only: fine-tuning of the fake-quantized model (on TensorRT's int8 grid) against the teacher
+    epochs: int = Field(1, ge=1, description="qat: fine-tuning epochs")
+    lr: float = Field(0.002, gt=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(4.0, gt=0, description="qat: KD temperature")
+    alpha: float = Field(0.9, ge=0, le=1, description="qat: weight of KD; 1-alpha goes to cross-entropy")
+    teacher: str | list[str] | None = Field(None, description="qat: stage(s) to distill from (default: the "
+                                                           "teacher of the quantized model)")
 
 
 Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QuantizeStage], Field(discriminator="type")]
@@ -239,6 +335,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             return None
         field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
         ann = getattr(field, "annotation", None)
+        # An optional block (`features: FeatureConfig | None`): suggest the keys of the model inside.
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model, i = ann, i + 1

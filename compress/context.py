@@ -56,6 +56,7 @@ class Context:
     base_dir: Path = Path(".")      # directory of the pipeline file (user model paths are relative to it)
     log: Callable[[str], None] = print
     progress: bool = True           # show progress bars
+    checkpoint: Path | None = None  # training.fit resumes from / saves to this file (None: no resume)
 
     def input_shape(self) -> tuple[int, int, int]:
         return (self.data.in_channels, *self.data.image_size)

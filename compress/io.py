@@ -6,15 +6,18 @@ fsync'd, then renamed over the target: a kill mid-save leaves the previous file 
 A model file is a plain dict loadable with ``torch.load(weights_only=True)``: the registry
 name and kwargs to rebuild the architecture, the state dict, and the shapes of every
 conv/linear/norm layer, so that a pruned model (whose channel counts changed) is rebuilt
-exactly. No pickled modules: a checkpoint from a stranger cannot run code.
+exactly. No pickled modules: a checkpoint from a stranger cannot run code. Every file is read
+with ``torch.load(weights_only=True)``; one that needs pickle is refused, never retried unsafely.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,18 +31,38 @@ _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_fea
                 "normalized_shape", "num_channels", "num_groups")
 
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then put back
+os.umask(_UMASK)
+
+
+class WriteError(OSError):
+    """A file that could not be written (disk full, read-only, no permission); the old one is intact."""
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        kept = " (the previous file is unchanged)" if path.exists() else ""
+        hint = "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        error = WriteError(f"cannot write {path}: {reason}{kept}{hint}")
+        error.errno = exc.errno  # (no .filename: OSError would then print "[Errno N] ..." instead)
+        raise error from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
@@ -76,8 +99,17 @@ def _layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return shapes
 
 
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors in a state dict that hold NaN or inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, *, name: str, num_classes: int, in_channels: int,
                extra: dict | None = None) -> Path:
+    if bad := nonfinite_tensors(model.state_dict()):  # a diverged model is an error, never an artifact
+        raise FloatingPointError(f"{path}: refusing to save a model with non-finite weights "
+                                 f"({len(bad)} tensors, e.g. {bad[0]})")
     payload = {
         "format": MODEL_FORMAT,
         "model": name,
@@ -94,15 +126,29 @@ class CheckpointError(ValueError):
     """A model file that cannot be trusted or read; the message is meant for the user."""
 
 
-def read_model_file(path: str | os.PathLike) -> dict:
+def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors: missing, truncated, or needing pickle."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such model file") from None
-    except Exception as exc:  # pickle payloads are refused here, never retried unsafely
-        raise CheckpointError(f"{path}: not a readable compress model file ({type(exc).__name__}: "
+        raise CheckpointError(f"{path}: no such {what}") from None
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            raise CheckpointError(f"{path}: refused: the {what} holds pickled Python objects (such as a whole "
+                                  f"nn.Module), and unpickling can run arbitrary code; compress reads only plain "
+                                  f"tensors and values (torch.load weights_only=True)") from None
+        raise CheckpointError(f"{path}: not a readable {what} (corrupt or truncated: "
                               f"{str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:  # zip errors, EOF, bad magic: a damaged file
+        first = str(exc).splitlines()[0].split(". ")[0][:160] if str(exc) else ""
+        raise CheckpointError(f"{path}: not a readable {what} (corrupt or truncated: "
+                              f"{type(exc).__name__}{': ' + first if first else ''})") from None
+
+
+def read_model_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    payload = safe_load(path, "model file")
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: not a compress model file (expected format {MODEL_FORMAT!r})")
     return payload

@@ -6,15 +6,23 @@ model, its ONNX and a manifest with config, input hashes, versions, metrics and 
 
 A stage is skipped when its cache key (its config, the data config and seed, the hashes of
 its inputs' files and the package version) matches the manifest from a previous run and
-its files are still there, DVC-style; everything downstream of a re-run stage re-runs
-because its inputs' hashes change.
+its files are still there with the hashes the manifest recorded, DVC-style; everything
+downstream of a re-run stage re-runs because its inputs' hashes change. The benchmark,
+engine and report sections are not in any key: editing them re-runs no training.
+
+A stage that trains checkpoints into `checkpoint-<key>.pt` in its directory (see
+compress.training); a killed run resumes there, and the file goes once the manifest is
+written. One run at a time per run directory: `runs/<name>/.lock` is held with flock, which
+the kernel releases when the process dies, so a killed run never leaves it stuck.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import import_module
@@ -29,7 +37,37 @@ from compress.context import Artifact, Context, seed_everything
 from compress.io import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 MODEL_STAGES = {"train", "distill", "prune", "quantize"}
+
+
+class RunLockedError(RuntimeError):
+    """Another process is running a pipeline in the same run directory; one line for the user."""
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold `run_dir/.lock` (flock, non-blocking) for the duration; refuse if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip()
+        os.close(fd)
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise RunLockedError(f"{run_dir} is in use by another compress run{pid}; wait for it to finish, or "
+                             f"use another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock (the kernel does the same for a killed process)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,17 +105,26 @@ def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_finge
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _cached(manifest_path: Path, key: str) -> Artifact | None:
+def _cached(manifest_path: Path, key: str) -> tuple[Artifact | None, str]:
+    """The artifact a previous run left for this key, or None and why not (empty: nothing to say)."""
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
-        return None
-    if manifest.get("key") != key or manifest.get("status") != "done":
-        return None
-    artifact = Artifact(**manifest["artifact"])
-    if not all(Path(p).is_file() for p in artifact.files.values()):
-        return None
-    return artifact
+        return None, ""
+    if not isinstance(manifest, dict) or manifest.get("key") != key or manifest.get("status") != "done":
+        return None, ""
+    try:
+        artifact = Artifact(**manifest["artifact"])
+        outputs = dict(manifest["outputs"])
+    except (KeyError, TypeError, ValueError):
+        return None, f"{manifest_path} is damaged"
+    for kind, file in artifact.files.items():
+        if not Path(file).is_file():
+            return None, f"{file} is missing"
+        # A file changed behind the manifest's back (truncated, edited, half-copied): never trust it.
+        if outputs.get(kind) != sha256_file(file):
+            return None, f"{file} does not match the hash its manifest recorded"
+    return artifact, ""
 
 
 def teachers_of(cfg: PipelineConfig, name: str, artifacts: dict[str, Artifact]) -> list[Artifact]:
@@ -86,7 +133,9 @@ def teachers_of(cfg: PipelineConfig, name: str, artifacts: dict[str, Artifact]) 
     stage = cfg.stages[name]
     if stage.type == "distill":
         return [artifacts[n] for n in cfg.inputs(name)]
-    if stage.type == "prune":
+    if stage.type in ("prune", "quantize"):
+        if stage.type == "quantize" and stage.method != "qat":
+            return []
         if cfg.extra_inputs(name):
             return [artifacts[n] for n in cfg.extra_inputs(name)]
         parent = artifacts[cfg.inputs(name)[0]]
@@ -98,12 +147,18 @@ def teachers_of(cfg: PipelineConfig, name: str, artifacts: dict[str, Artifact]) 
 def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = Path("runs"),
                  force: tuple[str, ...] = (), log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Run every stage (or reuse it from cache), benchmark every artifact, write the report; return its dir."""
-    from compress.data import build_data
-    from compress.stages import benchmark, engine, export, report
-
     started = time.perf_counter()
     run_dir = runs_dir / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        return _run_locked(cfg, run_dir, pipeline_path, force, log, progress, started)
+
+
+def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: tuple[str, ...],
+                log: Callable[[str], None], progress: bool, started: float) -> Path:
+    from compress.data import build_data
+    from compress.stages import benchmark, engine, export, report
+
     device = resolve_device(cfg.device)
     if cfg.benchmark.threads:
         torch.set_num_threads(cfg.benchmark.threads)
@@ -122,17 +177,26 @@ def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = P
         key = stage_key(cfg, name, inputs + [t for t in teachers if t not in inputs], data.fingerprint)
         stage_dir = run_dir / name
         manifest_path = stage_dir / MANIFEST
-        if name not in force and (cached := _cached(manifest_path, key)) is not None:
-            artifacts[name] = cached
-            stage_times[name] = 0.0
-            log(f"[{name}] unchanged since the last run (cache key {key[:12]}): skipped")
-            continue
+        if name not in force:
+            cached, why = _cached(manifest_path, key)
+            if cached is not None:
+                artifacts[name] = cached
+                stage_times[name] = 0.0
+                log(f"[{name}] unchanged since the last run (cache key {key[:12]}): skipped")
+                continue
+            if why:
+                log(f"[{name}] {why}: running it again")
         log(f"[{name}] {stage_cfg.type}" + (f" from {', '.join(a.name for a in inputs)}" if inputs else ""))
         stage_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in stage_dir.glob(".*.tmp"):  # half-written files of a killed run (we hold the lock)
+            leftover.unlink(missing_ok=True)
+        # Named by the cache key: a checkpoint of another config is never resumed from (nor deleted before
+        # this stage succeeds, so going back to that config can still resume it).
+        checkpoint = stage_dir / f"checkpoint-{key[:16]}.pt"
         seed_everything(cfg.seed)
         ctx = Context(run_dir=run_dir, stage_dir=stage_dir, stage_name=name, device=device, seed=cfg.seed,
                       data=data, inputs=inputs, teachers=teachers, artifacts=artifacts, base_dir=base_dir,
-                      log=log, progress=progress)
+                      log=log, progress=progress, checkpoint=checkpoint)
         t0 = time.perf_counter()
         stage_module = import_module(f"compress.stages.{stage_cfg.type}")
         artifact = stage_module.run(stage_cfg, ctx)
@@ -154,6 +218,8 @@ def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = P
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "artifact": asdict(artifact),
         })
+        for done in stage_dir.glob("checkpoint-*.pt"):  # the manifest now vouches for the result
+            done.unlink(missing_ok=True)
         log(f"[{name}] done in {wall:.1f} s")
 
     ctx = Context(run_dir=run_dir, stage_dir=run_dir, stage_name="benchmark", device=device, seed=cfg.seed,

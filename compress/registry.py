@@ -78,6 +78,16 @@ def _load_user_class(spec: str, base_dir: Path | None) -> Callable[..., nn.Modul
     return obj
 
 
+def _closest(name: str, names: list[str]) -> str | None:
+    """The most similar name (difflib ratio >= 0.6); ties go to the longest common prefix (resnet21 -> resnet20)."""
+    import difflib
+    import os.path
+
+    scored = [(difflib.SequenceMatcher(None, name, n).ratio(), len(os.path.commonprefix([name, n])), n) for n in names]
+    best = max(scored, default=None)
+    return best[2] if best is not None and best[0] >= 0.6 else None
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1, base_dir: Path | None = None,
                  **kwargs) -> nn.Module:
     """Build a registered model (or ``file.py:Class``) for ``in_channels`` inputs and ``num_classes`` outputs."""
@@ -97,10 +107,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, base_di
         return model
     _load_zoo()
     if name not in _MODELS:
-        import difflib
-
-        close = difflib.get_close_matches(name, _MODELS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; run `compress models` to list them"
+        close = _closest(name, list(_MODELS))
+        hint = f"; did you mean {close!r}?" if close else "; run `compress models` to list them"
         raise ModelError(f"unknown model {name!r}{hint}")
     return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
 

@@ -4,25 +4,52 @@ nanoGPT-style: one readable loop. The whole dataset sits on the device and arriv
 augmented batches (compress.data); the loop adds the optimizer, the schedule, mixed
 precision on CUDA, distillation from frozen teachers, and keeps the weights of the epoch
 with the best validation accuracy. Running sums stay on the device; the host reads them
-only when the progress bar refreshes, so the step has no per-step sync.
+only when the progress bar refreshes. The one per-step sync is the loss's finiteness, read
+after the backward pass is queued: a NaN or inf loss never reaches the weights.
+
+Nothing lost (nanoGPT's resume, made exact). With `checkpoint=`, every epoch ends with one
+self-describing file: model, optimizer, schedule, AMP scaler, the best weights so far, the
+history, and the python/numpy/torch/CUDA generator states; the data order is a function of
+(seed, epoch). A run killed at any point and started again continues from the last
+checkpoint and, on a CPU with the same seed, ends with the same weights bit for bit.
+SIGINT/SIGTERM finish the current step and checkpoint it before stopping (`Interrupted`).
+
+Nothing trusted blindly. A non-finite loss skips its optimizer step; `nonfinite_patience`
+of them in a row roll training back to the last good state (the start of the epoch) with
+the learning rate halved; after `max_rollbacks` the stage fails (`StageError`). Non-finite
+weights are never checkpointed, kept as best, or saved.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import itertools
 import math
+import os
+import random
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from compress.config import OptimConfig
+from compress.context import StageError
+from compress.io import CheckpointError, atomic_write_bytes, nonfinite_tensors, safe_load
 
-REFRESH_EVERY = 20  # steps between progress-bar updates (each update syncs the device)
+REFRESH_EVERY = 20          # steps between progress-bar updates (each update syncs the device)
+CHECKPOINT_FORMAT = "compress.checkpoint/1"
+NONFINITE_PATIENCE = 3      # non-finite losses in a row before rolling back to the last good state
+MAX_ROLLBACKS = 3           # rollbacks (each halving the learning rate) before the stage gives up
 
 
 def make_optimizer(model: nn.Module, opts: OptimConfig, extra: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
@@ -99,13 +126,144 @@ def recalibrate_bn(model: nn.Module, batches, max_batches: int = 20) -> None:
     model.train(was_training)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a step; the checkpoint holds everything up to it."""
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+def rng_state() -> dict:
+    """Python, numpy, torch and CUDA generator states, as types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class _Progress:
+    """Where training stands; with the model, optimizer, schedule and RNG it is a checkpoint."""
+
+    epoch: int = 0                  # epochs finished
+    step: int = 0                   # steps finished in the current epoch
+    loss_sum: torch.Tensor | float = 0.0   # running sums of the current epoch (on the device)
+    correct: torch.Tensor | int = 0
+    seen: int = 0
+    skipped: int = 0                # non-finite steps skipped in the current epoch
+    streak: int = 0                 # non-finite steps in a row, now
+    epoch_seconds: float = 0.0      # time spent in the current epoch before a stop
+    best_accuracy: float = -1.0
+    best_epoch: int = -1
+    best_state: dict | None = None  # CPU copy of the best weights so far
+    history: list = field(default_factory=list)
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    rollbacks: int = 0              # each halved the learning rate
+
+
+class _Trainer:
+    """The mutable objects of one fit, saved and restored together."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, kd_loss):
+        self.model, self.optimizer, self.scheduler, self.scaler, self.kd_loss = (
+            model, optimizer, scheduler, scaler, kd_loss)
+
+    def snapshot(self, progress: _Progress) -> bytes:
+        """Everything needed to continue exactly here, serialized: the same bytes go to disk."""
+        state = {"format": CHECKPOINT_FORMAT,
+                 "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "kd_loss": self.kd_loss.state_dict() if isinstance(self.kd_loss, nn.Module) else None,
+                 "rng": rng_state(),
+                 "progress": asdict(progress)}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.getvalue()
+
+    def restore(self, state: dict, device: torch.device) -> _Progress:
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"not a {CHECKPOINT_FORMAT} file")
+        own = self.model.state_dict()
+        saved = state["model"]
+        if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+            raise CheckpointError("its weights do not fit this model")
+        self.model.load_state_dict(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if isinstance(self.kd_loss, nn.Module) and state["kd_loss"] is not None:
+            self.kd_loss.load_state_dict(state["kd_loss"])
+        set_rng_state(state["rng"])
+        progress = _Progress(**state["progress"])
+        progress.loss_sum = torch.as_tensor(progress.loss_sum, dtype=torch.float32).to(device)
+        progress.correct = torch.as_tensor(progress.correct, dtype=torch.long).to(device)
+        return progress
+
+    def halve_lr(self) -> None:
+        """Halve every learning rate the schedule derives from (LambdaLR: base_lrs; OneCycleLR: the groups)."""
+        for group in self.optimizer.param_groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in group:
+                    group[key] *= 0.5
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * 0.5 for lr in self.scheduler.base_lrs]
+
+    def finite(self) -> bool:
+        return not nonfinite_tensors(self.model.state_dict())
+
+
+def _load_blob(blob: bytes) -> dict:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+@contextmanager
+def _stop_on_signals(enabled: bool):
+    """Turn SIGINT/SIGTERM into a request to stop after the current step (a second one stops at once)."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+# ----------------------------------------------------------------------------- the loop
+
 def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch.device,
         teachers: list[nn.Module] = (), kd_loss: Callable | None = None,
-        log: Callable[[str], None] = print, progress: bool = True, desc: str = "train") -> dict:
+        log: Callable[[str], None] = print, progress: bool = True, desc: str = "train",
+        checkpoint: str | os.PathLike | None = None,       # resume from / save to this file (None: no resume)
+        nonfinite_patience: int = NONFINITE_PATIENCE,      # non-finite losses in a row before a rollback
+        max_rollbacks: int = MAX_ROLLBACKS) -> dict:       # rollbacks before StageError
     """Train `model` in place for `epochs`; returns metrics and leaves the best-on-validation weights loaded.
 
     With `teachers`, the loss is `kd_loss(student_logits, [teacher_logits...], labels)`; the
-    teachers run frozen, in eval mode, without autograd.
+    teachers run frozen, in eval mode, without autograd. With `checkpoint`, training resumes
+    from that file when it exists and rewrites it after every epoch (and on SIGINT/SIGTERM,
+    which then raise `Interrupted`); the caller deletes it once the result is saved.
     """
     model.to(device)
     if device.type == "cuda":
@@ -122,21 +280,78 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
     scheduler = make_scheduler(optimizer, opts, epochs * steps_per_epoch, steps_per_epoch)
     autocast, scaler = autocast_for(device, opts.amp)
     has_val = data.num_val > 0
+    split = "val" if has_val else "train"
+    trainer = _Trainer(model, optimizer, scheduler, scaler, kd_loss)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
 
-    best_acc, best_epoch, best_state = -1.0, -1, None
-    history = []
-    images_seen, train_time = 0, 0.0
+    def fresh_sums(p: _Progress) -> None:
+        p.loss_sum = torch.zeros((), device=device)
+        p.correct = torch.zeros((), device=device, dtype=torch.long)
+        p.seen = p.skipped = p.streak = 0
+        p.epoch_seconds = 0.0
+
+    prog = _Progress()
+    fresh_sums(prog)
+    good = trainer.snapshot(prog)  # the last good state: where a rollback returns to
+    if checkpoint is not None and checkpoint.is_file():
+        try:
+            prog = trainer.restore(safe_load(checkpoint, "training checkpoint"), device)
+            good = trainer.snapshot(prog)
+            where = (f"epoch {prog.epoch + 1}, step {prog.step}/{steps_per_epoch}" if prog.epoch < epochs
+                     else "the end of training")
+            log(f"{desc}: resuming from {checkpoint.name} at {where}")
+        except (CheckpointError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            prog = trainer.restore(_load_blob(good), device)
+            log(f"{desc}: ignoring {checkpoint} ({str(exc).splitlines()[0][:200]}); starting this stage "
+                f"from scratch")
+
+    def save(p: _Progress) -> None:
+        nonlocal good
+        good = trainer.snapshot(p)
+        if checkpoint is not None:
+            atomic_write_bytes(checkpoint, good)
+
+    def rollback(p: _Progress, why: str) -> _Progress:
+        nonlocal good
+        if p.rollbacks >= max_rollbacks:
+            raise StageError(f"{desc}: {why}, and {max_rollbacks} rollbacks, each halving the learning rate "
+                             f"(last try: lr {opts.lr * 0.5 ** p.rollbacks:.3g}), did not help; lower lr "
+                             f"(the config has {opts.lr:g}), check the data"
+                             f"{', or set amp: false' if scaler is not None else ''}")
+        tries = p.rollbacks + 1
+        p = trainer.restore(_load_blob(good), device)
+        p.rollbacks = tries
+        trainer.halve_lr()
+        good = trainer.snapshot(p)
+        log(f"{desc}: {why}: rolled back to epoch {p.epoch + 1} step {p.step} with the learning rate halved "
+            f"(rollback {tries} of {max_rollbacks})")
+        return p
+
+    def stop(p: _Progress, signum: int, at: str, saved: bool = False) -> None:
+        name = signal.Signals(signum).name
+        if checkpoint is None:
+            raise Interrupted(f"{desc}: stopped by {name} {at}")
+        if saved or trainer.finite():
+            if not saved:
+                save(p)
+            raise Interrupted(f"{desc}: stopped by {name} {at}; progress saved to {checkpoint}; "
+                              f"run the same command again to resume")
+        raise Interrupted(f"{desc}: stopped by {name} {at}; the weights were non-finite, so the last good "
+                          f"checkpoint ({checkpoint}) was kept")
+
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with _stop_on_signals(checkpoint is not None) as signals, \
+            Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(desc, total=epochs * steps_per_epoch, info="")
-        for epoch in range(epochs):
+        while prog.epoch < epochs:
+            epoch = prog.epoch
             model.train()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            t0 = time.perf_counter()
-            for step, (x, y) in enumerate(data.train_batches(epoch, batch_size)):
+            t0 = time.perf_counter() - prog.epoch_seconds
+            rolled_back = False
+            # The order is a function of (seed, epoch): a resumed epoch skips the steps already done.
+            batches = itertools.islice(data.train_batches(epoch, batch_size), prog.step, None)
+            for step, (x, y) in enumerate(batches, start=prog.step):
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:
@@ -150,40 +365,67 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
                 else:
                     loss.backward()
-                    optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach() * y.numel()
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += y.numel()
+                if torch.isfinite(loss.detach()).item():
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    prog.loss_sum += loss.detach() * y.numel()
+                    prog.correct += (logits.detach().argmax(1) == y).sum()
+                    prog.seen += y.numel()
+                    prog.streak = 0
+                else:  # skip the step: the weights never see a NaN/inf loss
+                    prog.skipped += 1
+                    prog.streak += 1
+                scheduler.step()  # the schedule counts steps, taken or skipped
+                prog.step = step + 1
+                if prog.streak >= nonfinite_patience:
+                    prog = rollback(prog, f"{prog.streak} non-finite losses in a row (epoch {epoch + 1}, "
+                                          f"step {step + 1})")
+                    rolled_back = True
+                    break
+                if signals:
+                    prog.epoch_seconds = time.perf_counter() - t0
+                    stop(prog, signals[0], f"at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}")
                 if (step + 1) % REFRESH_EVERY == 0 or step + 1 == steps_per_epoch:
-                    rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    info = (f"epoch {epoch + 1}/{epochs}  loss {loss_sum.item() / seen:.3f}  "
-                            f"acc {correct.item() * 100 / seen:.1f}%  {rate:,.0f} img/s")
+                    rate = prog.seen / max(time.perf_counter() - t0, 1e-9)
+                    info = (f"epoch {epoch + 1}/{epochs}  loss {prog.loss_sum.item() / max(prog.seen, 1):.3f}  "
+                            f"acc {prog.correct.item() * 100 / max(prog.seen, 1):.1f}%  {rate:,.0f} img/s")
                     bar.update(task, completed=epoch * steps_per_epoch + step + 1, info=info)
+            if rolled_back:
+                continue
+            if not trainer.finite():  # a finite loss can still leave inf weights (e.g. overflowing gradients)
+                prog = rollback(prog, f"the weights became non-finite in epoch {epoch + 1}")
+                continue
             epoch_time = time.perf_counter() - t0
-            images_seen += seen
-            train_time += epoch_time
-            split = "val" if has_val else "train"
             acc = evaluate(model, data.eval_batches(split))
-            record = {"epoch": epoch + 1, "loss": loss_sum.item() / max(seen, 1),
-                      "train_accuracy": correct.item() * 100 / max(seen, 1), f"{split}_accuracy": acc,
-                      "seconds": round(epoch_time, 2), "images_per_s": round(seen / max(epoch_time, 1e-9), 1)}
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"{desc}: the training loss became {record['loss']} in epoch {epoch + 1}; "
-                                         f"lower the learning rate (lr: {opts.lr})")
-            history.append(record)
+            seen = prog.seen
+            record = {"epoch": epoch + 1, "loss": prog.loss_sum.item() / max(seen, 1),
+                      "train_accuracy": prog.correct.item() * 100 / max(seen, 1), f"{split}_accuracy": acc,
+                      "seconds": round(epoch_time, 2), "images_per_s": round(seen / max(epoch_time, 1e-9), 1),
+                      "skipped_steps": prog.skipped}
+            prog.history.append(record)
+            skipped = f", {prog.skipped} non-finite steps skipped" if prog.skipped else ""
             log(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f} "
-                f"train {record['train_accuracy']:.2f}% {split} {acc:.2f}% ({record['images_per_s']:,.0f} img/s)")
-            if acc > best_acc:
-                best_acc, best_epoch = acc, epoch + 1
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    if best_state is not None:
-        model.load_state_dict(best_state)
+                f"train {record['train_accuracy']:.2f}% {split} {acc:.2f}% ({record['images_per_s']:,.0f} img/s)"
+                f"{skipped}")
+            if acc > prog.best_accuracy:
+                prog.best_accuracy, prog.best_epoch = acc, epoch + 1
+                prog.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            prog.images_seen += seen
+            prog.train_seconds += epoch_time
+            prog.epoch, prog.step = epoch + 1, 0
+            fresh_sums(prog)
+            save(prog)
+            if signals:
+                stop(prog, signals[0], f"after epoch {epoch + 1}", saved=True)
+    if prog.best_state is not None:
+        model.load_state_dict(prog.best_state)
     model.to(memory_format=torch.contiguous_format)
-    return {"best_accuracy": best_acc, "best_split": "val" if has_val else "train", "best_epoch": best_epoch,
-            "epochs": epochs, "train_seconds": round(train_time, 2),
-            "train_images_per_s": round(images_seen / max(train_time, 1e-9), 1), "history": history}
+    return {"best_accuracy": prog.best_accuracy, "best_split": split, "best_epoch": prog.best_epoch,
+            "epochs": epochs, "train_seconds": round(prog.train_seconds, 2),
+            "train_images_per_s": round(prog.images_seen / max(prog.train_seconds, 1e-9), 1),
+            "rollbacks": prog.rollbacks, "history": prog.history}

@@ -36,8 +36,8 @@ def test_validate_prints_the_stage_graph():
 ])
 def test_bad_pipeline_is_one_line_exit_2(tmp_path, text, expect):
     (tmp_path / "p.yaml").write_text(text)
-    for command in ("validate", "run"):
-        out = compress(command, str(tmp_path / "p.yaml"), "--out", str(tmp_path / "runs"))
+    for command in (["validate"], ["run", "--out", str(tmp_path / "runs")]):
+        out = compress(*command, str(tmp_path / "p.yaml"))
         assert out.returncode == 2
         assert "Traceback" not in out.stderr
         lines = [l for l in out.stderr.strip().splitlines() if l.strip()]

@@ -35,12 +35,12 @@ def test_report_has_every_artifact_on_every_runtime(smoke):
     rows = report["artifacts"]
     assert all(ROW_KEYS <= set(r) for r in rows)
     names = {r["name"] for r in rows}
-    assert names == {"teacher", "student", "shuffle", "student-pruned", "student-int8"}
+    assert names == {"teacher", "student", "shuffle", "student-pruned", "student-int8", "shuffle-int8"}
     ok = [r for r in rows if r["status"] == "ok"]
     # Every float model on torch and onnxruntime, the INT8 one on onnxruntime.
-    assert {(r["name"], r["runtime"]) for r in ok} >= {(n, rt) for n in names - {"student-int8"}
+    assert {(r["name"], r["runtime"]) for r in ok} >= {(n, rt) for n in names - {"student-int8", "shuffle-int8"}
                                                         for rt in ("torch", "onnxruntime")}
-    assert ("student-int8", "onnxruntime") in {(r["name"], r["runtime"]) for r in ok}
+    assert {("student-int8", "onnxruntime"), ("shuffle-int8", "onnxruntime")} <= {(r["name"], r["runtime"]) for r in ok}
     for r in ok:
         assert 0 <= r["accuracy"] <= 100 and r["size_bytes"] > 0 and r["params"] > 0 and r["macs"] > 0
         for b in ("1", "8"):
@@ -78,8 +78,12 @@ def test_run_directory_holds_models_onnx_and_manifests(smoke):
     student = json.loads((run / "student/manifest.json").read_text())["artifact"]
     assert pruned["macs"] < 0.7 * student["macs"]
     assert json.loads((run / "student-pruned/manifest.json").read_text())["teachers"] == ["teacher"]
-    int8 = json.loads((run / "student-int8/manifest.json").read_text())["artifact"]
-    assert int8["precision"] == "int8" and int8["files"]["onnx_int8"].endswith(".onnx")
+    int8 = json.loads((run / "student-int8/manifest.json").read_text())
+    assert int8["artifact"]["precision"] == "int8" and int8["artifact"]["files"]["onnx_int8"].endswith(".onnx")
+    # QAT: fine-tuned against the teacher on the int8 grid; PTQ: calibration only.
+    assert int8["teachers"] == ["teacher"] and int8["artifact"]["metrics"]["qat"]["epochs"] == 1
+    ptq = json.loads((run / "shuffle-int8/manifest.json").read_text())
+    assert ptq["teachers"] == [] and "qat" not in ptq["artifact"]["metrics"]
     assert not list(run.rglob("*.tmp"))
 
 
@@ -87,5 +91,5 @@ def test_run_directory_holds_models_onnx_and_manifests(smoke):
 def test_second_run_reuses_every_stage(smoke):
     _, first, second = smoke
     assert "skipped" not in first.stderr.split("[engine]")[0]
-    for stage in ("teacher", "student", "shuffle", "student-pruned", "student-int8"):
+    for stage in ("teacher", "student", "shuffle", "student-pruned", "student-int8", "shuffle-int8"):
         assert f"[{stage}] unchanged since the last run" in second.stderr

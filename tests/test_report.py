@@ -32,3 +32,99 @@ def test_plot_and_markdown_render(tmp_path):
     assert table[0].startswith("| student | train | m | onnxruntime")  # sorted by latency
     assert "| student | tensorrt | fp32 | skipped | no GPU |" in md
     assert "pareto.png" in md
+
+
+def lat_row(name, runtime, precision, p50s, parent=None, acc=90.0, stage="train"):
+    r = row(name, runtime, acc, 1.0)
+    r.update(precision=precision, parent=parent, stage=stage,
+             latency_ms={str(b): {"p50": p, "p90": p, "p99": p, "mean": p} for b, p in p50s.items()},
+             throughput_ips={str(b): b * 1000 / p for b, p in p50s.items()})
+    return r
+
+
+FLAG_ROWS = [
+    lat_row("student", "onnxruntime", "fp32", {1: 0.1, 8: 0.25}),
+    lat_row("student-int8", "onnxruntime", "int8", {1: 0.5, 8: 0.2}, parent="student", stage="quantize"),
+    lat_row("student", "tensorrt", "fp32", {1: 0.09, 8: 0.12}),
+    lat_row("student", "tensorrt", "fp16", {1: 0.05, 8: 0.10}),
+    lat_row("student-int8", "tensorrt", "int8", {1: 0.06, 8: 0.08}, parent="student", stage="quantize"),
+    row("student-int8", "torch", None, None, status="skipped"),
+]
+
+
+def test_int8_not_faster_is_flagged_per_runtime_and_batch():
+    from compress.stages.report import int8_flags
+
+    flags = int8_flags(FLAG_ROWS)
+    got = {(f["artifact"], f["runtime"], f["batch"], f["reference"]["precision"]) for f in flags}
+    # onnxruntime: slower than the parent's FP32 at batch 1 only; tensorrt: compared with FP16 (not FP32),
+    # slower at batch 1 only.
+    assert got == {("student-int8", "onnxruntime", 1, "fp32"), ("student-int8", "tensorrt", 1, "fp16")}
+    ort = next(f for f in flags if f["runtime"] == "onnxruntime")
+    assert ort["message"].startswith("INT8 is not faster than FP32 student on onnxruntime at batch 1")
+    assert "0.500 ms vs 0.100 ms (5.0x)" in ort["message"]
+    assert int8_flags([r for r in FLAG_ROWS if r["precision"] != "int8"]) == []
+
+
+def _full_report(rows):
+    from compress.stages.report import int8_flags
+
+    return {"pipeline": {"name": "p", "file": "p.yaml", "yaml": "name: p  # <b>not html</b>\n"}, "created": "now",
+            "machine": {"cpu": "x86", "cores": 2, "torch_threads": 2, "gpu": None, "versions": {"torch": "2"}},
+            "artifacts": rows, "wall_seconds": {"total": 3.0, "benchmark": 1.0}, "flags": int8_flags(rows),
+            "stages": {"student": {"type": "train", "from": [], "best_accuracy": 91.5,
+                                   "onnx_parity": {"max_abs_diff": 1e-6, "top1_agreement": 1.0}, "wall_seconds": 2.0}}}
+
+
+def test_html_is_self_contained_and_matches_the_markdown():
+    import base64
+    import re
+
+    from compress.stages.report import render_html
+
+    report = _full_report(FLAG_ROWS)
+    png = plot_pareto(FLAG_ROWS, "t")
+    page = render_html(report, png)
+    md = render_markdown(report)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    # No external assets: the only src is the inlined plot, no stylesheet links or scripts.
+    assert re.findall(r"src='([^']{0,22})", page) == ["data:image/png;base64,"]
+    assert "<link" not in page and "<script" not in page and "http" not in page
+    inlined = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1)
+    assert base64.b64decode(inlined) == png
+    # Same summary rows, same order, as the markdown table.
+    md_table = md.split("## Artifacts (sorted by latency)")[1].split("\n\n")[1].splitlines()[2:]
+    md_rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in md_table]
+    html_table = page.split("<h2>Artifacts (sorted by latency)</h2>")[1].split("</table>")[0]
+    html_rows = [re.findall(r"<td[^>]*>([^<]*)</td>", tr) for tr in html_table.split("<tr>") if "<td" in tr]
+    assert html_rows == md_rows and len(html_rows) == 5
+    assert [r[4] for r in html_rows] == ["fp16", "int8", "fp32", "fp32", "int8"]   # by p50 at batch 1
+    # Flags, skipped rows with reasons, stage wall times, machine and escaped YAML are all there.
+    assert "INT8 is not faster than FP32 student on onnxruntime at batch 1" in page
+    assert "INT8 is not faster than FP32 student on onnxruntime at batch 1" in md and "## Flags" in md
+    assert "<td>skipped</td><td>no GPU</td>" in page
+    assert "<td class=num>2.0</td></tr>" in page and "Whole run: 3.0 s" in page
+    assert "name: p  # &lt;b&gt;not html&lt;/b&gt;" in page and "<b>not html</b>" not in page
+    assert "(2 cores, torch threads 2), GPU: none" in page and "(2 cores, torch threads 2)" in md
+
+
+def test_run_writes_json_md_html_and_png(tmp_path):
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from compress import config
+    from compress.stages import report as report_stage
+
+    root = Path(__file__).parents[1]
+    cfg = config.load(root / "pipelines/smoke.yaml", [f"report.dir={tmp_path / 'reports'}"])
+    data = SimpleNamespace(summary=lambda: {"name": "synthetic", "preprocess": {"size": [16, 16], "channels": 1}})
+    ctx = SimpleNamespace(artifacts={}, run_dir=tmp_path / "runs" / "smoke", data=data)
+    out = report_stage.run(cfg, ctx, FLAG_ROWS, stage_times={"benchmark": 1.0, "total": 2.0},
+                           pipeline_path=root / "pipelines/smoke.yaml")
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "report.html", "report.json", "report.md"]
+    saved = json.loads((out / "report.json").read_text())
+    assert len(saved["flags"]) == 2 and {"artifact", "runtime", "batch", "message"} <= set(saved["flags"][0])
+    assert saved["run_dir"] == str(tmp_path / "runs" / "smoke")
+    assert saved["data"]["preprocess"]["size"] == [16, 16]
+    assert "data:image/png;base64," in (out / "report.html").read_text()

@@ -158,7 +158,7 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, *,
 def run(cfg, ctx):
     """Prune the parent to the MACs (or params) budget, then fine-tune it with KD from its teacher."""
     from compress.context import StageError
-    from compress.losses import KDLoss
+    from compress.losses import build_loss
     from compress.training import evaluate, fit, recalibrate_bn
 
     parent = ctx.inputs[0]
@@ -179,8 +179,9 @@ def run(cfg, ctx):
     metrics = {"best_accuracy": info["accuracy_before_finetune"], "best_split": split}
     if cfg.finetune_epochs:
         teachers = [ctx.load_model(a) for a in ctx.teachers]
-        metrics = fit(model, ctx.data, cfg, cfg.finetune_epochs, device=ctx.device, teachers=teachers,
-                      kd_loss=KDLoss(cfg.temperature, cfg.alpha, cfg.label_smoothing), log=ctx.log,
-                      progress=ctx.progress, desc=ctx.stage_name)
+        with build_loss(cfg, teachers, model, ctx.data) as kd_loss:  # method:, features: as in distill
+            metrics = fit(model, ctx.data, cfg, cfg.finetune_epochs, device=ctx.device, teachers=teachers,
+                          kd_loss=kd_loss, log=ctx.log, progress=ctx.progress, desc=ctx.stage_name,
+                          checkpoint=ctx.checkpoint)
     metrics.update(prune=info, teachers=[a.name for a in ctx.teachers])
     return ctx.save_model(model, parent.model, "prune", metrics, parent=parent.name)

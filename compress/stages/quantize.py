@@ -40,6 +40,7 @@ import re
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -278,11 +279,14 @@ class _Forward(nn.Module):
 
 
 def quantize_ptq(model: nn.Module, calib_images: torch.Tensor, onnx_path: Path, input_shape: tuple[int, int, int], *,
-                 subset_size: int = 300, batch_size: int = 32, opset: int = 17) -> dict:
+                 subset_size: int = 300, batch_size: int = 32, opset: int = 17,
+                 finetune: Callable[[nn.Module], dict] | None = None) -> dict:
     """Calibrate an INT8 copy of `model` on `calib_images` and write it as a QDQ ONNX file.
 
     subset_size  -- calibration images used (the first `subset_size` of `calib_images`)
     batch_size   -- images per calibration forward pass
+    finetune     -- quantization-aware training: called with the calibrated fake-quantized model
+                    (already on TensorRT's signed int8 grid) before export; returns its metrics
     The caller's model is not modified. Returns facts about the result for the manifest.
     """
     import nncf
@@ -316,6 +320,10 @@ def quantize_ptq(model: nn.Module, calib_images: torch.Tensor, onnx_path: Path, 
         )
     calib_seconds = time.perf_counter() - start
     counts = _prepare_for_trt(qmodel)
+    qat = None
+    if finetune is not None:
+        qat = finetune(qmodel)
+        qmodel.cpu().eval()
 
     dummy = torch.zeros(1, *input_shape)
     buf = io.BytesIO()
@@ -358,20 +366,34 @@ def quantize_ptq(model: nn.Module, calib_images: torch.Tensor, onnx_path: Path, 
         "calibration_seconds": round(calib_seconds, 3),
         "seconds": round(time.perf_counter() - start, 3),
         "nncf_version": nncf.__version__,
+        **({"qat": qat} if qat is not None else {}),
     }
 
 
 # ----------------------------------------------------------------------------- stage
 
 def run(cfg, ctx):
-    """NNCF PTQ of the parent model, calibrated on training images, written as QDQ ONNX."""
+    """NNCF PTQ of the parent model, calibrated on training images (then, for `qat`, fine-tuned with KD
+    from the teacher on the fake-quantized grid), written as QDQ ONNX."""
     from compress.context import Artifact
 
     parent = ctx.inputs[0]
     model = ctx.load_model(parent).eval()
     calib = ctx.data.calibration_images(cfg.calibration_size).cpu()
     path = ctx.stage_dir / "model_int8.onnx"
-    info = quantize_ptq(model, calib, path, ctx.input_shape(), subset_size=cfg.calibration_size)
+    finetune = None
+    if cfg.method == "qat":
+        from compress.losses import KDLoss
+        from compress.training import fit
+
+        teachers = [ctx.load_model(a) for a in ctx.teachers]
+
+        def finetune(qmodel: nn.Module) -> dict:
+            return fit(qmodel, ctx.data, cfg, cfg.epochs, device=ctx.device, teachers=teachers,
+                       kd_loss=KDLoss(cfg.temperature, cfg.alpha, cfg.label_smoothing), log=ctx.log,
+                       progress=ctx.progress, desc=f"{ctx.stage_name} (qat)")
+
+    info = quantize_ptq(model, calib, path, ctx.input_shape(), subset_size=cfg.calibration_size, finetune=finetune)
     # How far INT8 moved from the float model it came from, on validation images.
     import onnxruntime as ort
 

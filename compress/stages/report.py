@@ -1,12 +1,19 @@
-"""`report`: report.json (the machine-readable source), report.md and pareto.png.
+"""`report`: report.json (the machine-readable source), report.md, report.html and pareto.png.
 
 One row per artifact and runtime; the plot puts accuracy against latency at the smallest
 batch size, one point per row, with the Pareto front (no other row both faster and more
-accurate) marked.
+accurate) marked. report.html is the same report in one self-contained file (the plot
+inlined as a data URI), for attaching to an issue or a CI run.
+
+Flags point at numbers that contradict the reason an artifact exists: an INT8 model that is
+not faster than the float model it replaces, on the same runtime at the same batch size
+(on a CPU, ONNX Runtime's QDQ kernels often lose to FP32 on models this small).
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,9 +38,87 @@ def _ok(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] == "ok" and r.get("accuracy") is not None and r.get("latency_ms")]
 
 
+def _batches(rows: list[dict]) -> list[int]:
+    return sorted({int(b) for r in _ok(rows) for b in r["latency_ms"]})
+
+
 def _plot_batch(rows: list[dict]) -> str | None:
-    sizes = sorted({int(b) for r in _ok(rows) for b in r["latency_ms"]})
+    sizes = _batches(rows)
     return str(sizes[0]) if sizes else None
+
+
+def int8_flags(rows: list[dict]) -> list[dict]:
+    """INT8 rows not faster (p50) than the float model they replace, per batch size.
+
+    The reference is the same runtime's FP16 row, else its FP32 row, of the artifact itself
+    or, for a quantize stage, of its parent (the model it was quantized from).
+    """
+    ok = {(r["name"], r["runtime"], r["precision"]): r for r in _ok(rows)}
+    flags = []
+    for r in _ok(rows):
+        if r["precision"] != "int8":
+            continue
+        ref = next((ok[(name, r["runtime"], p)] for p in ("fp16", "fp32") for name in (r["name"], r["parent"])
+                    if (name, r["runtime"], p) in ok), None)
+        if ref is None:
+            continue
+        for b in sorted(set(r["latency_ms"]) & set(ref["latency_ms"]), key=int):
+            mine, theirs = r["latency_ms"][b]["p50"], ref["latency_ms"][b]["p50"]
+            if mine >= theirs:
+                flags.append({
+                    "artifact": r["name"], "runtime": r["runtime"], "batch": int(b), "kind": "int8_not_faster",
+                    "reference": {"artifact": ref["name"], "precision": ref["precision"]},
+                    "p50_ms": mine, "reference_p50_ms": theirs,
+                    "message": f"INT8 is not faster than {ref['precision'].upper()} {ref['name']} on "
+                               f"{r['runtime']} at batch {b}: p50 {mine:.3f} ms vs {theirs:.3f} ms "
+                               f"({mine / max(theirs, 1e-9):.1f}x)",
+                })
+    return flags
+
+
+def summary_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The artifacts table (header, cells), ok rows sorted by p50 latency at the smallest batch size."""
+    ok, batches = _ok(rows), _batches(rows)
+    first = str(batches[0]) if batches else None
+    head = ["artifact", "stage", "model", "runtime", "precision", "device", "top-1 %", "params", "MACs", "size"]
+    for b in batches:
+        head += [f"p50 / p99 ms @{b}", f"img/s @{b}"]
+    key = (lambda r: r["latency_ms"].get(first, {}).get("p50", float("inf"))) if first else (lambda r: 0)
+    body = []
+    for r in sorted(ok, key=key):
+        cells = [r["name"], r["stage"], r["model"], r["runtime"], r["precision"], r.get("device") or "",
+                 f"{r['accuracy']:.2f}", _fmt_count(r["params"]), _fmt_count(r["macs"]), _fmt_bytes(r["size_bytes"])]
+        for b in batches:
+            lat = r["latency_ms"].get(str(b))
+            cells += [f"{lat['p50']:.3f} / {lat['p99']:.3f}" if lat else "-",
+                      f"{r['throughput_ips'][str(b)]:,.0f}" if lat else "-"]
+        body.append(cells)
+    return head, body
+
+
+def stages_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["stage", "type", "from", "best val top-1 %", "ONNX max abs diff", "ONNX top-1 agreement", "wall s"]
+    body = []
+    for name, s in report["stages"].items():
+        parity = s.get("onnx_parity") or {}
+        diff, agree, val = parity.get("max_abs_diff"), parity.get("top1_agreement"), s.get("best_accuracy")
+        body.append([name, s["type"], ", ".join(s["from"]) or "-", "-" if val is None else f"{val:.2f}",
+                     "-" if diff is None else f"{diff:.2e}", "-" if agree is None else f"{agree * 100:.1f}%",
+                     f"{s['wall_seconds']:.1f}"])
+    return head, body
+
+
+def _machine_details(machine: dict) -> str:
+    cores = machine.get("cores", machine.get("cpu_count"))  # machine_info says "cores"; early reports "cpu_count"
+    return f"({cores} cores, torch threads {machine.get('torch_threads')}), GPU: {machine.get('gpu') or 'none'}"
+
+
+def _wall_line(report: dict) -> str:
+    total = report["wall_seconds"].get("total")
+    if not total:
+        return ""
+    return (f"Benchmark: {report['wall_seconds'].get('benchmark', 0):.1f} s. "
+            f"Whole run: {total:.1f} s (stages reused from cache count 0).")
 
 
 def plot_pareto(rows: list[dict], title: str) -> bytes:
@@ -83,53 +168,88 @@ def _fmt_bytes(n) -> str:
 
 def render_markdown(report: dict) -> str:
     rows, machine = report["artifacts"], report["machine"]
-    ok = _ok(rows)
-    batches = sorted({int(b) for r in ok for b in r["latency_ms"]})
-    first = str(batches[0]) if batches else None
     lines = [f"# compress report: {report['pipeline']['name']}", "",
-             f"Created {report['created']} from `{report['pipeline']['file']}` on **{machine.get('cpu')}**"
-             f" ({machine.get('cpu_count')} cores, torch threads {machine.get('torch_threads')}), "
-             f"GPU: {machine.get('gpu') or 'none'}.", ""]
-    lines += ["## Artifacts (sorted by latency)", ""]
-    head = ["artifact", "stage", "model", "runtime", "precision", "device", "top-1 %", "params", "MACs", "size"]
-    for b in batches:
-        head += [f"p50 / p99 ms @{b}", f"img/s @{b}"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    key = (lambda r: r["latency_ms"][first]["p50"]) if first else (lambda r: 0)
-    for r in sorted(ok, key=key):
-        cells = [r["name"], r["stage"], r["model"], r["runtime"], r["precision"], r.get("device", ""),
-                 f"{r['accuracy']:.2f}", _fmt_count(r["params"]), _fmt_count(r["macs"]), _fmt_bytes(r["size_bytes"])]
-        for b in batches:
-            lat = r["latency_ms"].get(str(b))
-            cells += [f"{lat['p50']:.3f} / {lat['p99']:.3f}" if lat else "-",
-                      f"{r['throughput_ips'][str(b)]:,.0f}" if lat else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+             f"Created {report['created']} from `{report['pipeline']['file']}` on **{machine.get('cpu')}** "
+             f"{_machine_details(machine)}.", ""]
+
+    def table(head, body):
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+
+    lines += ["## Artifacts (sorted by latency)", ""] + table(*summary_table(rows))
     lines += ["", "Latency: warm-up, then timed iterations; p50/p90/p99 over iterations "
               "(full numbers in report.json). CPU timings use the thread count shown in the device column.", ""]
+    flags = report.get("flags") or []
+    if flags:
+        lines += ["## Flags", ""] + [f"- **{f['artifact']}**: {f['message']}" for f in flags] + [""]
     others = [r for r in rows if r["status"] != "ok"]
     if others:
         lines += ["## Skipped or failed", "", "| artifact | runtime | precision | status | why |", "|---|---|---|---|---|"]
         lines += [f"| {r['name']} | {r['runtime']} | {r['precision']} | {r['status']} | {r['reason']} |" for r in others]
         lines.append("")
     lines += ["## Accuracy vs latency", "", "![accuracy vs latency](pareto.png)", ""]
-    lines += ["## Stages", "", "| stage | type | from | best val top-1 % | ONNX max abs diff | ONNX top-1 agreement | wall s |",
-              "|---|---|---|---|---|---|---|"]
-    for name, s in report["stages"].items():
-        parity = s.get("onnx_parity") or {}
-        diff = parity.get("max_abs_diff")
-        agree = parity.get("top1_agreement")
-        val = s.get("best_accuracy")
-        lines.append(f"| {name} | {s['type']} | {', '.join(s['from']) or '-'} | "
-                     f"{'-' if val is None else f'{val:.2f}'} | {'-' if diff is None else f'{diff:.2e}'} | "
-                     f"{'-' if agree is None else f'{agree * 100:.1f}%'} | {s['wall_seconds']:.1f} |")
-    total = report["wall_seconds"].get("total")
-    lines += ["", f"Benchmark: {report['wall_seconds'].get('benchmark', 0):.1f} s. "
-              f"Whole run: {total:.1f} s (stages reused from cache count 0)." if total else "", ""]
+    lines += ["## Stages", ""] + table(*stages_table(report))
+    lines += ["", _wall_line(report), ""]
     lines += ["## Machine", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in machine.items() if k != "versions"]
     lines += [f"| {k} | {v} |" for k, v in machine.get("versions", {}).items()]
     lines += ["", "## Pipeline", "", "```yaml", report["pipeline"]["yaml"].rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
+       padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .5em 0; font-size: 13px; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f4f4f4; } tr:nth-child(even) td { background: #fafafa; }
+.flags { background: #fff4e5; border-left: 4px solid #f0a030; padding: .5em 1em; }
+.note { color: #666; font-size: 12px; }
+pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 12px; }
+img { max-width: 100%; }
+"""
+
+
+def render_html(report: dict, png: bytes | None = None) -> str:
+    """The report as one self-contained HTML file: inline CSS, the plot as a data URI, no external assets."""
+    esc = html.escape
+    rows, machine = report["artifacts"], report["machine"]
+
+    def table(head, body, numeric_from: int = 0):
+        out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
+        for cells in body:
+            out.append("<tr>" + "".join(f"<td{' class=num' if numeric_from and i >= numeric_from else ''}>"
+                                        f"{esc(str(c))}</td>" for i, c in enumerate(cells)) + "</tr>")
+        return "\n".join(out + ["</table>"])
+
+    name = esc(report["pipeline"]["name"])
+    parts = [f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>compress report: {name}</title>",
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>compress report: {name}</h1>",
+             f"<p>Created {esc(report['created'])} from <code>{esc(report['pipeline']['file'])}</code> on "
+             f"<b>{esc(str(machine.get('cpu')))}</b> {esc(_machine_details(machine))}.</p>",
+             "<h2>Artifacts (sorted by latency)</h2>", table(*summary_table(rows), numeric_from=6),
+             "<p class=note>Latency: warm-up, then timed iterations; p50/p90/p99 over iterations (full numbers in "
+             "report.json). CPU timings use the thread count shown in the device column.</p>"]
+    flags = report.get("flags") or []
+    if flags:
+        parts += ["<h2>Flags</h2>", "<div class=flags><ul>"]
+        parts += [f"<li><b>{esc(f['artifact'])}</b>: {esc(f['message'])}</li>" for f in flags]
+        parts.append("</ul></div>")
+    others = [r for r in rows if r["status"] != "ok"]
+    if others:
+        parts += ["<h2>Skipped or failed</h2>",
+                  table(["artifact", "runtime", "precision", "status", "why"],
+                        [[r["name"], r["runtime"], r["precision"], r["status"], r["reason"] or ""] for r in others])]
+    if png:
+        parts += ["<h2>Accuracy vs latency</h2>",
+                  f"<img alt='accuracy vs latency' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"]
+    parts += ["<h2>Stages</h2>", table(*stages_table(report), numeric_from=3), f"<p>{esc(_wall_line(report))}</p>"]
+    facts = [[k, v] for k, v in machine.items() if k != "versions"] + list(machine.get("versions", {}).items())
+    parts += ["<h2>Machine</h2>", table(["", ""], [[k, "-" if v is None else v] for k, v in facts])]
+    parts += ["<h2>Pipeline</h2>", f"<pre>{esc(report['pipeline']['yaml'].rstrip())}</pre>", "</body></html>", ""]
+    return "\n".join(parts)
 
 
 def run(cfg, ctx, rows: list[dict], *, stage_times: dict, pipeline_path: Path) -> Path:
@@ -152,8 +272,14 @@ def run(cfg, ctx, rows: list[dict], *, stage_times: dict, pipeline_path: Path) -
         "wall_seconds": {k: round(v, 2) for k, v in stage_times.items()},
         "stages": stages,
         "artifacts": rows,
+        "flags": int8_flags(rows),
+        # where the stage directories are, and what a deployed model must do to an image (`compress deploy`)
+        "run_dir": str(ctx.run_dir),
+        "data": ctx.data.summary() if ctx.data is not None else None,
     }
+    png = plot_pareto(rows, f"{cfg.name}: accuracy vs latency")
     atomic_write_json(out / "report.json", report)
-    atomic_write_bytes(out / "pareto.png", plot_pareto(rows, f"{cfg.name}: accuracy vs latency"))
+    atomic_write_bytes(out / "pareto.png", png)
     atomic_write_text(out / "report.md", render_markdown(report))
+    atomic_write_text(out / "report.html", render_html(report, png))
     return out

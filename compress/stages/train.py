@@ -10,5 +10,5 @@ from compress.training import fit
 def run(cfg: TrainStage, ctx: Context) -> Artifact:
     model = ctx.build_model(cfg.model)
     metrics = fit(model, ctx.data, cfg, cfg.epochs, device=ctx.device, log=ctx.log, progress=ctx.progress,
-                  desc=ctx.stage_name)
+                  desc=ctx.stage_name, checkpoint=ctx.checkpoint)
     return ctx.save_model(model, cfg.model, "train", metrics)

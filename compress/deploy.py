@@ -1,0 +1,529 @@
+"""`compress deploy`: one artifact of a run, bundled for where it will serve.
+
+A bundle is the model, a `manifest.json` that makes it usable without this package (the
+preprocessing the model was trained with, the class names, versions, the source artifact and
+the sha256 of every shipped file) and an `infer.py` that classifies one image with nothing but
+numpy, Pillow and ONNX Runtime (or TensorRT, when an engine is there and it imports).
+
+    onnx    model.onnx, manifest.json, infer.py, labels.txt
+    triton  a model repository: <name>/config.pbtxt, <name>/1/model.onnx (platform
+            onnxruntime_onnx), or model.plan (tensorrt_plan) when a TensorRT engine built for
+            this GPU and TensorRT version exists; labels.txt, manifest.json, infer.py beside it
+    jetson  model.onnx (FP32, or the INT8 Q/DQ model), model_fp16.onnx for FP16, and
+            build_engine.sh: trtexec --stronglyTyped, the way TensorRT 10 (JetPack 6) builds an
+            engine whose precision the ONNX decides (see compress/stages/engine.py)
+
+An engine only runs on the GPU model and TensorRT version it was built with, so one is shipped
+only when its sidecar manifest matches the machine running `deploy`; otherwise the bundle
+says so, and the Jetson bundle builds its own on the device.
+
+The bundle is assembled in a temp directory beside --out and renamed into place, so --out is
+either the previous bundle or the complete new one, never half of each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import compress
+from compress.io import sha256_file
+
+TARGETS = ("triton", "jetson", "onnx")
+PRECISIONS = ("fp32", "fp16", "int8")
+FORMAT = "compress.deploy/1"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"   # what compress.stages.export names them
+
+
+class DeployError(ValueError):
+    """A bundle that cannot be made as asked; one line for the user."""
+
+
+# ----------------------------------------------------------------------------- finding the artifact
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DeployError(f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*/manifest.json"))
+
+
+def locate(source: Path, runs: Path | None = None, reports: Path = Path("reports")) -> tuple[Path, dict | None]:
+    """(run directory, report or None) from a run directory, a report directory or a report.json.
+
+    A report names its run directory (`run_dir`, reports since deploy exists) or, failing that,
+    `<runs>/<pipeline name>`. A run directory's report is looked up in `<reports>/<run name>/`.
+    """
+    source = Path(source)
+    if _is_run_dir(source):
+        candidate = Path(reports) / source.name / "report.json"
+        report = _read_json(candidate) if candidate.is_file() else None
+        if report is not None:
+            report["_path"] = str(candidate)
+        return source, report
+    file = source / "report.json" if source.is_dir() else source
+    if not file.is_file():
+        raise DeployError(f"{source}: neither a run directory (runs/<name>/ with stage manifests) nor a report "
+                          f"(report.json or its directory)")
+    report = _read_json(file)
+    if not str(report.get("schema", "")).startswith("compress.report/"):
+        raise DeployError(f"{file}: not a compress report")
+    report["_path"] = str(file)
+    name = report["pipeline"]["name"]
+    tried = []
+    if runs is not None:
+        tried.append(Path(runs) / name)
+    else:
+        if report.get("run_dir"):
+            tried.append(Path(report["run_dir"]))
+        tried.append(Path("runs") / name)
+    for run_dir in tried:
+        if _is_run_dir(run_dir):
+            return run_dir, report
+    raise DeployError(f"{file}: its run directory is not here (tried {', '.join(map(str, tried))}); "
+                      f"pass --runs DIR, the directory holding {name}/")
+
+
+def _stage_manifest(run_dir: Path, artifact: str) -> dict:
+    path = run_dir / artifact / "manifest.json"
+    if not path.is_file():
+        names = sorted(p.parent.name for p in run_dir.glob("*/manifest.json"))
+        raise DeployError(f"no artifact {artifact!r} in {run_dir} (artifacts: {', '.join(names) or 'none'})")
+    manifest = _read_json(path)
+    if manifest.get("status") != "done" or "artifact" not in manifest:
+        raise DeployError(f"{path}: stage {artifact!r} did not finish; re-run the pipeline")
+    return manifest
+
+
+def _resolve(run_dir: Path, artifact: str, key: str, value: str, manifest: dict) -> Path:
+    """An artifact file as recorded (absolute, or relative to where the pipeline ran), else next to the
+    manifest; refused when its bytes are not the ones the stage wrote."""
+    path = Path(value)
+    if not path.is_file():
+        path = run_dir / artifact / path.name
+    if not path.is_file():
+        raise DeployError(f"{artifact}: its {key} file {value} is gone; re-run the pipeline")
+    expected = (manifest.get("outputs") or {}).get(key)
+    if expected and sha256_file(path) != expected:
+        raise DeployError(f"{path} changed since stage {artifact!r} wrote it (sha256 differs from its manifest); "
+                          f"re-run the pipeline")
+    return path
+
+
+def _preprocess(report: dict | None, manifest: dict) -> tuple[dict, str]:
+    """(preprocess dict with class_names, where it came from)."""
+    for where, holder in (("report.json data", (report or {}).get("data")), ("stage manifest", manifest.get("data"))):
+        if isinstance(holder, dict) and isinstance(holder.get("preprocess"), dict):
+            return holder["preprocess"], where
+    if report is None:
+        raise DeployError("cannot tell this artifact's preprocessing: the run directory has no report next to it "
+                          "(pass the report directory, or --reports DIR)")
+    # Reports from before `data` was written: rebuild the dataset from the saved config.
+    from compress.config import PipelineConfig
+    from compress.data import DataError, build_data
+
+    try:
+        cfg = PipelineConfig.model_validate(report["pipeline"]["config"])
+        return build_data(cfg.data, "cpu", cfg.seed).preprocess, "dataset rebuilt from the report's config"
+    except (DataError, ValueError, KeyError) as exc:
+        raise DeployError(f"cannot rebuild the dataset to read its preprocessing: {str(exc).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- engines
+
+def engine_status(plan: Path) -> tuple[bool, str]:
+    """Can this machine run this engine? (ok, reason) from its sidecar manifest, without loading it."""
+    from compress.stages.engine import _import_tensorrt, _this_machine, manifest_path, tensorrt_status
+
+    sidecar = manifest_path(plan)
+    if not sidecar.is_file():
+        return False, f"{plan.name} has no sidecar manifest {sidecar.name}"
+    info = _read_json(sidecar)
+    ok, reason = tensorrt_status()
+    if not ok:
+        return False, f"{plan.name} was built for {info.get('gpu')} (TensorRT {info.get('tensorrt')}); " \
+                      f"it cannot be checked here: {reason}"
+    here = _this_machine(_import_tensorrt())
+    for key in ("gpu", "compute_capability", "tensorrt"):
+        if info.get(key) != here[key]:
+            return False, f"{plan.name} was built for {key} {info.get(key)!r}, this machine has {here[key]!r}"
+    if info.get("engine_sha256") not in (None, sha256_file(plan)):
+        return False, f"{plan} does not match its manifest (partial write?)"
+    return True, f"built for {here['gpu']}, TensorRT {here['tensorrt']}"
+
+
+def _engine(run_dir: Path, artifact: str, files: dict, precisions: list[str],
+            report: dict | None) -> tuple[Path | None, str | None, str]:
+    """(engine path, its precision, note) for the first of `precisions` with an engine this machine runs."""
+    if not precisions:
+        return None, None, "none: this target ships ONNX only"
+    why = {r["precision"]: r.get("reason") for r in (report or {}).get("artifacts", [])
+           if r.get("name") == artifact and r.get("runtime") == "tensorrt" and r.get("status") != "ok"}
+    notes = []
+    for p in precisions:
+        plan = Path(files[f"engine_{p}"]) if f"engine_{p}" in files else run_dir / artifact / "engines" / f"{p}.plan"
+        if not plan.is_file():
+            notes.append(f"no {p} engine was built" + (f" ({why[p]})" if why.get(p) else ""))
+            continue
+        ok, reason = engine_status(plan)
+        if ok:
+            return plan, p, f"TensorRT {p} engine {reason}"
+        notes.append(reason)
+    return None, None, "none shipped: " + "; ".join(notes)
+
+
+# ----------------------------------------------------------------------------- bundle files
+
+def config_pbtxt(name: str, *, platform: str, max_batch: int, chw: list[int], num_classes: int) -> str:
+    """Triton model configuration (protobuf text format of inference.ModelConfig)."""
+    dims = ", ".join(str(d) for d in chw)
+    return f"""name: "{name}"
+platform: "{platform}"
+max_batch_size: {max_batch}
+input [
+  {{
+    name: "{INPUT_NAME}"
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ {dims} ]
+  }}
+]
+output [
+  {{
+    name: "{OUTPUT_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {num_classes} ]
+    label_filename: "labels.txt"
+  }}
+]
+dynamic_batching {{ }}
+"""
+
+
+def build_engine_sh(onnx_name: str, precision: str, chw: list[int], engine_cfg: dict) -> str:
+    shape = "x".join(str(d) for d in chw)
+    lo, opt, hi = engine_cfg["min_batch"], engine_cfg["opt_batch"], engine_cfg["max_batch"]
+    return f"""#!/usr/bin/env bash
+# Build model.plan ({precision}) for THIS device: an engine runs only on the GPU and TensorRT version that
+# built it. Strongly typed: the precision is the ONNX's own ({onnx_name}), so no --fp16/--int8 flags.
+# Needs TensorRT 10 or newer (JetPack 6); set TRTEXEC to use another trtexec. Extra arguments go to trtexec.
+set -euo pipefail
+cd "$(dirname "$0")"
+TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
+if ! "$TRTEXEC" --help 2>&1 | grep -q -- --stronglyTyped; then
+  echo "error: $TRTEXEC has no --stronglyTyped (TensorRT < 10?); JetPack 6 / TensorRT 10+ is needed" >&2
+  exit 1
+fi
+"$TRTEXEC" --onnx={onnx_name} --saveEngine=model.plan --stronglyTyped \\
+  --minShapes={INPUT_NAME}:{lo}x{shape} --optShapes={INPUT_NAME}:{opt}x{shape} \\
+  --maxShapes={INPUT_NAME}:{hi}x{shape} "$@"
+echo "built model.plan; try: python3 infer.py IMAGE"
+"""
+
+
+INFER_PY = '''#!/usr/bin/env python3
+"""Classify images with the model in this bundle: python infer.py IMAGE [IMAGE ...] [--runtime R] [--json]
+
+Needs numpy, Pillow and onnxruntime (or tensorrt + torch with CUDA for model.plan). The
+preprocessing is read from manifest.json: the exact steps the model was trained with.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+MANIFEST = json.loads((HERE / "manifest.json").read_text())
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def find(name):
+    for path in (HERE / name, HERE / "1" / name):  # flat bundle, or a Triton model directory
+        if path.is_file():
+            return path
+    return None
+
+
+def preprocess(path):
+    pre = MANIFEST["preprocess"]
+    c, (h, w) = pre["channels"], pre["size"]
+    if c not in MODES:
+        sys.exit(f"error: no Pillow mode for {c}-channel images")
+    img = Image.open(path).convert(MODES[c])
+    if img.size != (w, h):
+        img = img.resize((w, h), getattr(Image, "Resampling", Image).BILINEAR)
+    x = np.asarray(img, dtype=np.float32).reshape(h, w, c).transpose(2, 0, 1)   # HWC -> CHW
+    mean = np.asarray(pre["mean"], dtype=np.float32).reshape(c, 1, 1)
+    std = np.asarray(pre["std"], dtype=np.float32).reshape(c, 1, 1)
+    return ((x * np.float32(pre["scale"]) - mean) / std)[None].astype(np.float32)  # a batch of one, NCHW
+
+
+def run_onnxruntime(x):
+    import onnxruntime as ort
+
+    model = find("model.onnx")
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(model), providers=providers)
+    return session.run(None, {session.get_inputs()[0].name: x})[0], f"onnxruntime ({model.name})"
+
+
+def run_tensorrt(x):
+    import tensorrt as trt
+    import torch
+
+    plan = find("model.plan")
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT could not load {plan} (built for another GPU or TensorRT version?)")
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+    xt = torch.from_numpy(x).cuda().contiguous()
+    context.set_input_shape(inp, tuple(xt.shape))
+    context.set_tensor_address(inp, xt.data_ptr())
+    y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
+    context.set_tensor_address(out, y.data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError("TensorRT execution failed")
+    stream.synchronize()
+    return y.cpu().numpy(), f"tensorrt ({plan.name})"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("images", nargs="+", type=Path)
+    ap.add_argument("--runtime", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                    help="auto: TensorRT when model.plan exists and tensorrt imports, else ONNX Runtime")
+    ap.add_argument("--json", action="store_true", help="one JSON object per image")
+    args = ap.parse_args()
+    x = np.concatenate([preprocess(p) for p in args.images])
+    runtime = args.runtime
+    if runtime == "auto":
+        runtime = "onnxruntime"
+        if find("model.plan"):
+            try:
+                import tensorrt  # noqa: F401
+                import torch
+
+                runtime = "tensorrt" if torch.cuda.is_available() else runtime
+            except ImportError:
+                pass
+    try:
+        logits, used = run_tensorrt(x) if runtime == "tensorrt" else run_onnxruntime(x)
+    except Exception as exc:
+        if args.runtime != "auto" or runtime == "onnxruntime":
+            raise
+        print(f"TensorRT failed ({exc}); using ONNX Runtime", file=sys.stderr)
+        logits, used = run_onnxruntime(x)
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    names = MANIFEST["labels"]
+    print(f"runtime: {used}", file=sys.stderr)
+    for path, p in zip(args.images, probs):
+        k = int(p.argmax())
+        if args.json:
+            print(json.dumps({"image": str(path), "index": k, "class": names[k], "probability": float(p[k]),
+                              "runtime": used}))
+        else:
+            print(f"{path}: " if len(args.images) > 1 else "", end="")
+            print(f"{names[k]} {p[k]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _readme(target: str, name: str, m: dict, engine_note: str, precision: str) -> str:
+    pre = m["preprocess"]
+    lines = [f"{name}: {m['artifact']['model']} ({m['artifact']['stage']} stage), {precision}, "
+             f"bundled by compress {compress.__version__} for {target}.", "",
+             f"Input  '{INPUT_NAME}': float32 NCHW [N, {pre['channels']}, {pre['size'][0]}, {pre['size'][1]}], "
+             f"x = (pixel * {pre['scale']:.6g} - mean[c]) / std[c],",
+             f"       mean {[round(v, 6) for v in pre['mean']]}, std {[round(v, 6) for v in pre['std']]}.",
+             f"Output '{OUTPUT_NAME}': float32 [N, {len(m['labels'])}] logits over labels.txt (softmax for "
+             f"probabilities).", "",
+             f"TensorRT engine: {engine_note}.", "",
+             "Try it:  python3 infer.py IMAGE.png      (numpy, Pillow, onnxruntime)"]
+    if target == "triton":
+        lines += ["", "Serve:   tritonserver --model-repository=<the directory holding this one>",
+                  f"         the model is '{name}'; infer.py here runs the same model locally."]
+    if target == "jetson":
+        lines += ["", "On the Jetson (JetPack 6, TensorRT 10):",
+                  "  ./build_engine.sh          # writes model.plan for this device",
+                  "  python3 infer.py IMAGE.png # uses model.plan when tensorrt and torch (CUDA) import"]
+    lines += ["", "manifest.json has the preprocessing, labels, versions, the source artifact and the sha256",
+              "of every file here.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- deploy
+
+def _place(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished bundle onto `out`; a replaced bundle is moved aside first, then deleted."""
+    if out.exists():
+        if not out.is_dir():
+            raise DeployError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()):
+            if not force:
+                raise DeployError(f"--out {out} is not empty; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: str | None = None,
+           runs: Path | None = None, reports: Path = Path("reports"), force: bool = False,
+           log: Callable[[str], None] = print) -> Path:
+    """Bundle `artifact` of the run at `source` for `target` into `out`; return `out`.
+
+    source     a run directory (runs/<name>), a report directory or a report.json
+    precision  what to deploy: int8 for a quantize stage (the only choice there); for a float
+               model fp32 (onnx, triton default), or fp16 (jetson default; triton only with an
+               FP16 engine built for this GPU)
+    runs       where a report's run directory is (default: the report's run_dir, else runs/)
+    reports    where a run directory's report is (reports/<run name>/)
+    """
+    if target not in TARGETS:
+        raise DeployError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise DeployError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DeployError(f"--out {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise DeployError(f"--out {out} is not empty; pass --force to replace it")
+
+    run_dir, report = locate(source, runs, reports)
+    manifest = _stage_manifest(run_dir, artifact)
+    art = manifest["artifact"]
+    native = "int8" if art.get("precision") == "int8" else "fp32"
+    if native == "int8" and precision not in (None, "int8"):
+        raise DeployError(f"{artifact} is an INT8 (quantize) artifact; it deploys as int8 only")
+    if native == "fp32" and precision == "int8":
+        raise DeployError(f"{artifact} is a float model; INT8 needs a quantize stage (deploy that stage instead)")
+    if target == "onnx" and precision == "fp16":
+        raise DeployError("the onnx bundle ships the FP32 or INT8 ONNX; FP16 is built by TensorRT "
+                          "(--target jetson, or triton with an FP16 engine)")
+    onnx_key = "onnx_int8" if native == "int8" else "onnx"
+    if onnx_key not in art["files"]:
+        raise DeployError(f"{artifact} has no {onnx_key} file (it has {', '.join(sorted(art['files']))})")
+    onnx_path = _resolve(run_dir, artifact, onnx_key, art["files"][onnx_key], manifest)
+    pre, pre_source = _preprocess(report, manifest)
+    labels = list(pre.get("class_names") or [])
+    chw = [int(pre["channels"]), *map(int, pre["size"])]
+    engine_cfg = {"min_batch": 1, "opt_batch": 64, "max_batch": 256}   # EngineConfig's defaults
+    configured = ((report or {}).get("pipeline", {}).get("config", {}).get("engine") or {})
+    engine_cfg.update({k: v for k, v in configured.items() if k in engine_cfg})
+
+    if target == "jetson":
+        deployed = precision or ("int8" if native == "int8" else "fp16")
+        engine_precisions = [deployed]
+    elif target == "triton":
+        deployed = precision or native
+        engine_precisions = [precision] if precision else (["int8"] if native == "int8" else ["fp16", "fp32"])
+    else:
+        deployed, engine_precisions = native, []
+    plan, plan_precision, engine_note = _engine(run_dir, artifact, art["files"], engine_precisions, report)
+    if target == "triton" and deployed == "fp16" and plan is None:
+        raise DeployError(f"--precision fp16 on triton needs an FP16 TensorRT engine this machine can run; "
+                          f"{engine_note}")
+    if plan is not None:
+        deployed = plan_precision
+    log(f"deploy {artifact} ({deployed}) for {target}; TensorRT engine: {engine_note}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by servers running as other users
+    try:
+        home = tmp / artifact if target == "triton" else tmp
+        model_dir = home / "1" if target == "triton" else home
+        model_dir.mkdir(parents=True, exist_ok=True)
+        shipped: dict[str, str] = {}
+
+        def ship(src: Path, dst: Path) -> None:
+            shutil.copyfile(src, dst)
+            shipped[str(dst.relative_to(home))] = sha256_file(dst)
+
+        def write(dst: Path, text: str, executable: bool = False) -> None:
+            dst.write_text(text)
+            if executable:
+                dst.chmod(0o755)
+            shipped[str(dst.relative_to(home))] = sha256_file(dst)
+
+        ship(onnx_path, model_dir / "model.onnx")
+        if plan is not None:
+            ship(plan, model_dir / "model.plan")
+        if target == "jetson" and deployed == "fp16":
+            from compress.stages.engine import fp16_onnx
+
+            try:
+                fp16 = fp16_onnx(onnx_path, model_dir / "model_fp16.onnx")
+            except ValueError as exc:
+                raise DeployError(f"cannot make the FP16 ONNX: {exc}") from None
+            shipped[str(fp16.relative_to(home))] = sha256_file(fp16)
+        write(home / "labels.txt", "\n".join(labels) + "\n")
+        if target == "triton":
+            write(home / "config.pbtxt", config_pbtxt(
+                artifact, platform="tensorrt_plan" if plan is not None else "onnxruntime_onnx",
+                max_batch=int(engine_cfg["max_batch"]), chw=chw, num_classes=len(labels)))
+        if target == "jetson":
+            write(home / "build_engine.sh", build_engine_sh("model_fp16.onnx" if deployed == "fp16" else "model.onnx",
+                                                            deployed, chw, engine_cfg), executable=True)
+        write(home / "infer.py", INFER_PY, executable=True)
+
+        rows = [r for r in (report or {}).get("artifacts", []) if r.get("name") == artifact and r.get("status") == "ok"]
+        bundle = {
+            "format": FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "target": target,
+            "precision": deployed,
+            "artifact": {k: art.get(k) for k in ("name", "stage", "parent", "model", "precision", "params", "macs")},
+            "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": [-1, *chw]},
+            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, len(labels)], "meaning": "logits"},
+            "preprocess": {k: v for k, v in pre.items() if k != "class_names"},
+            "labels": labels,
+            "accuracy": {f"{r['runtime']}/{r['precision']}": r["accuracy"] for r in rows},
+            "engine": {"shipped": plan is not None, "note": engine_note,
+                       "profile": engine_cfg if target in ("jetson", "triton") else None},
+            "source": {
+                "run_dir": str(run_dir.resolve()),
+                "stage_manifest": str((run_dir / artifact / "manifest.json").resolve()),
+                "report": str(Path(report["_path"]).resolve()) if report else None,
+                "files": {onnx_key: {"path": str(onnx_path.resolve()), "sha256": sha256_file(onnx_path)},
+                          **({f"engine_{plan_precision}": {"path": str(plan.resolve()), "sha256": sha256_file(plan)}}
+                             if plan is not None else {})},
+                "preprocess_from": pre_source,
+            },
+            "versions": {**(manifest.get("versions") or {}), "compress_deploy": compress.__version__},
+            "files": shipped,
+        }
+        write(home / "README.txt", _readme(target, artifact, bundle, engine_note, deployed))
+        bundle["files"] = dict(sorted(shipped.items()))
+        (home / "manifest.json").write_text(json.dumps(bundle, indent=2) + "\n")
+        _place(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
