@@ -79,15 +79,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from compress.stages.benchmark import machine_info
 
-    out = {"compress": compress.__version__}
-    for pkg in ("torch", "torch-pruning", "nncf", "onnx", "onnxruntime", "tensorrt"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"compress": compress.__version__, **machine_info()["versions"]}
 
 
 def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_fingerprint: str) -> str:
@@ -214,6 +208,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
             "teachers": [t.name for t in teachers],
             "outputs": {k: sha256_file(v) for k, v in artifact.files.items()},
             "versions": versions(),
+            "data": data.summary(),  # preprocessing and labels: a run directory alone is deployable
             "wall_seconds": round(wall, 2),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "artifact": asdict(artifact),
