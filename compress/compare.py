@@ -14,7 +14,6 @@ more about the machines than about the models, so the comparison says so.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -272,14 +271,7 @@ def plot(cmp: Comparison, path: str | Path) -> Path:
                 if p0 is not None and p is not None:
                     ax.annotate("", (p, other["accuracy"]), (p0, base["accuracy"]),
                                 arrowprops={"arrowstyle": "->", "color": "gray", "alpha": 0.6})
-    ax.set_xscale("log")
-    ax.set_xlabel(f"latency p50 at batch {batch} (ms, log scale)" if batch else "latency (no common batch size)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("compare: accuracy vs latency")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    from compress.stages.report import finish_plot
+
+    xlabel = f"latency p50 at batch {batch} (ms, log scale)" if batch else "latency (no common batch size)"
+    return atomic_write_bytes(path, finish_plot(fig, ax, xlabel, "compare: accuracy vs latency"))

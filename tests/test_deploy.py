@@ -279,14 +279,14 @@ def test_bad_requests_are_one_line_exit_2(run, tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_old_reports_without_data_rebuild_the_preprocessing(run, tmp_path):
+def test_preprocessing_comes_from_the_stage_manifest(run, tmp_path):
+    # Stage manifests carry the preprocessing: a report without `data`, or no report at all, still deploys.
     report = json.loads((run["report"] / "report.json").read_text())
     del report["data"]
     (tmp_path / "report.json").write_text(json.dumps(report))
     out = deploy(tmp_path / "report.json", "teacher", "onnx", tmp_path / "b", log=lambda m: None)
     m = check_manifest(out, run)
-    assert m["source"]["preprocess_from"] == "dataset rebuilt from the report's config"
-    # A run directory alone does not say how its images were preprocessed (until stage manifests carry it).
-    if "data" not in json.loads((run["run_dir"] / "teacher" / "manifest.json").read_text()):
-        with pytest.raises(DeployError, match="no report next to it"):
-            deploy(run["run_dir"], "teacher", "onnx", tmp_path / "c", reports=tmp_path / "elsewhere")
+    assert m["source"]["preprocess_from"] == "stage manifest"
+    alone = deploy(run["run_dir"], "teacher", "onnx", tmp_path / "c", reports=tmp_path / "elsewhere",
+                   log=lambda m: None)
+    assert check_manifest(alone, run)["preprocess"] == m["preprocess"]

@@ -143,8 +143,19 @@ def plot_pareto(rows: list[dict], title: str) -> bytes:
                 label="Pareto front", zorder=2)
     for runtime, marker in markers.items():
         ax.scatter([], [], marker=marker, color="gray", label=runtime)
+    return finish_plot(fig, ax, f"latency p50 at batch {batch} (ms, log scale)", title)
+
+
+def finish_plot(fig, ax, xlabel: str, title: str) -> bytes:
+    """Shared look of every accuracy-vs-latency plot (report and compare); returns the PNG bytes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
     ax.set_xscale("log")
-    ax.set_xlabel(f"latency p50 at batch {batch} (ms, log scale)")
+    for axis in (ax.xaxis,):  # plain numbers (0.3, 2) instead of 3x10^-1 on the log axis
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
