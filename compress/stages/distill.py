@@ -24,7 +24,7 @@ def run(cfg: DistillStage, ctx: Context) -> Artifact:
         raise StageError(f"stage {ctx.stage_name!r}: {exc}") from None
     with loss:  # removes the feature hooks from the student and the teacher afterwards
         metrics = fit(student, ctx.data, cfg, cfg.epochs, device=ctx.device, teachers=teachers, kd_loss=loss,
-                      log=ctx.log, progress=ctx.progress, desc=ctx.stage_name)
+                      log=ctx.log, progress=ctx.progress, desc=ctx.stage_name, checkpoint=ctx.checkpoint)
     metrics["teachers"] = [a.name for a in ctx.teachers]
     metrics["distill"] = describe(cfg, loss)
     return ctx.save_model(student, cfg.model, "distill", metrics, parent=ctx.inputs[0].name)
