@@ -24,14 +24,6 @@ TINY_DATA = ("data: {dataset: synthetic, synthetic: {num_train: 64, num_test: 16
 GOOD_STAGE = "  t: {type: train, model: resnet8, epochs: 1}\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_cli(*args):
     return CliRunner().invoke(app, ["run", *map(str, args)])
 

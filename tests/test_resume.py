@@ -27,14 +27,6 @@ from compress.training import CHECKPOINT_FORMAT, Interrupted, fit
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     cfg = DataConfig(dataset="synthetic", batch_size=16, val_size=32,
