@@ -152,6 +152,7 @@ def previous_runs(args, data, teacher_info: dict) -> list[dict]:
         old = json.loads((args.out / "distill.json").read_text())
     except (OSError, ValueError):
         return []
+    args.previous_commands = old.get("commands") or [old["command"]]
     same = (old.get("student") == args.student and old.get("teacher", {}).get("path") == teacher_info["path"]
             and old.get("dataset", {}).get("train") == data.num_train
             and all(r["epochs"] == args.epochs for r in old.get("runs", [])))
@@ -183,7 +184,8 @@ def write(args, data, teacher_info: dict, rows: list[dict], started: float) -> N
     result = {
         "schema": "compress.benchmark.distill/2",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/distill.py " + " ".join(sys.argv[1:]),
+        "commands": [*getattr(args, "previous_commands", []),  # --append: how the kept runs were made
+                     "python benchmarks/distill.py " + " ".join(sys.argv[1:])],
         "dataset": {"name": data.name, "train": data.num_train, "val": data.num_val, "test": data.num_test,
                     "batch_size": data.batch_size, "augment": {"crop_padding": data.crop_padding, "hflip": data.hflip}},
         "teacher": {"model": "resnet20", **teacher_info},
@@ -234,7 +236,8 @@ def markdown(result: dict) -> str:
         "Wall times were taken while other jobs shared the 2 cores (this benchmark ran at `nice 19`), so they "
         "swing by 10x from run to run: compare accuracies, not times.",
         "",
-        f"Command: `{result['command']}`",
+        "Command" + ("s" if len(result["commands"]) > 1 else "") + ": "
+        + "; ".join(f"`{c}`" for c in result["commands"]),
         "",
     ]
     return "\n".join(lines)

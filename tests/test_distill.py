@@ -10,7 +10,6 @@ import json
 import textwrap
 
 import pytest
-import torch
 
 from compress.config import load
 from compress.io import load_model

@@ -124,7 +124,8 @@ def test_logit_std_matches_hand_computation():
     loss = LogitStd(temperature=temp)(torch.tensor([S]), [torch.tensor([T_LOGITS])], torch.tensor([LABEL]))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # ... and so it ignores the scale and shift of either model's logits (plain KD does not).
-    shifted = LogitStd(temperature=temp)(torch.tensor([S]) * 3 + 5, [torch.tensor([T_LOGITS]) / 2], torch.tensor([LABEL]))
+    s, t = torch.tensor([S]) * 3 + 5, torch.tensor([T_LOGITS]) / 2
+    shifted = LogitStd(temperature=temp)(s, [t], torch.tensor([LABEL]))
     assert shifted.item() == pytest.approx(expected, rel=1e-4)
 
 
