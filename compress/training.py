@@ -3,9 +3,9 @@
 nanoGPT-style: one readable loop. The whole dataset sits on the device and arrives in
 augmented batches (compress.data); the loop adds the optimizer, the schedule, mixed
 precision on CUDA, distillation from frozen teachers, and keeps the weights of the epoch
-with the best validation accuracy. Running sums stay on the device; the host reads them
-only when the progress bar refreshes. The one per-step sync is the loss's finiteness, read
-after the backward pass is queued: a NaN or inf loss never reaches the weights.
+with the best validation accuracy. A step never waits for the host: running sums stay on
+the device, a NaN or inf loss is dropped by the fused optimizer reading a device flag, and
+the host looks at the device only when the progress bar refreshes (every REFRESH_EVERY steps).
 
 Nothing lost (nanoGPT's resume, made exact). With `checkpoint=`, every epoch ends with one
 self-describing file: model, optimizer, schedule, AMP scaler, the best weights so far, the
@@ -15,7 +15,7 @@ checkpoint and, on a CPU with the same seed, ends with the same weights bit for 
 SIGINT/SIGTERM finish the current step and checkpoint it before stopping (`Interrupted`).
 
 Nothing trusted blindly. A non-finite loss skips its optimizer step; `nonfinite_patience`
-of them in a row roll training back to the last good state (the start of the epoch) with
+of them in a row (noticed at the next refresh) roll training back to the last good state (the start of the epoch) with
 the learning rate halved; after `max_rollbacks` the stage fails (`StageError`). Non-finite
 weights are never checkpointed, kept as best, or saved.
 """
@@ -58,9 +58,18 @@ def make_optimizer(model: nn.Module, opts: OptimConfig, extra: list[nn.Parameter
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused kernels read `optimizer.found_inf` (a device flag) and skip the step themselves, so a
+    # non-finite loss is dropped without the host ever reading it (see `fit`).
     if opts.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=opts.lr)
-    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.momentum > 0)
+        return torch.optim.AdamW(groups, lr=opts.lr, fused=True)
+    optimizer = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.momentum > 0, fused=True)
+    if opts.momentum > 0:
+        # Fused SGD allocates its momentum buffers uninitialised on the first step and fills them
+        # then; a skipped first step would leave garbage behind. Zero buffers give the same first
+        # step (buf = 0 * momentum + grad = grad) and nothing undefined.
+        for p in params:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def make_scheduler(optimizer, opts: OptimConfig, total_steps: int, steps_per_epoch: int):
@@ -156,11 +165,15 @@ class _Progress:
 
     epoch: int = 0                  # epochs finished
     step: int = 0                   # steps finished in the current epoch
-    loss_sum: torch.Tensor | float = 0.0   # running sums of the current epoch (on the device)
+    seen: int = 0                   # images through the current epoch's steps, taken or skipped
+    # Running sums of the current epoch, kept on the device (see _DEVICE_FIELDS): the host reads
+    # them when the progress bar refreshes, never per step.
+    loss_sum: torch.Tensor | float = 0.0
     correct: torch.Tensor | int = 0
-    seen: int = 0
-    skipped: int = 0                # non-finite steps skipped in the current epoch
-    streak: int = 0                 # non-finite steps in a row, now
+    counted: torch.Tensor | int = 0     # images of the steps taken (finite loss)
+    skipped: torch.Tensor | int = 0     # non-finite steps skipped in the current epoch
+    streak: torch.Tensor | int = 0      # non-finite steps in a row, now
+    tripped: torch.Tensor | int = -1    # the step at which `streak` first reached the patience (-1: not yet)
     epoch_seconds: float = 0.0      # time spent in the current epoch before a stop
     best_accuracy: float = -1.0
     best_epoch: int = -1
@@ -169,6 +182,10 @@ class _Progress:
     images_seen: int = 0
     train_seconds: float = 0.0
     rollbacks: int = 0              # each halved the learning rate
+
+
+_DEVICE_FIELDS = {"loss_sum": torch.float32, "correct": torch.long, "counted": torch.long, "skipped": torch.long,
+                  "streak": torch.long, "tripped": torch.long}
 
 
 class _Trainer:
@@ -208,8 +225,8 @@ class _Trainer:
             self.kd_loss.load_state_dict(state["kd_loss"])
         set_rng_state(state["rng"])
         progress = _Progress(**state["progress"])
-        progress.loss_sum = torch.as_tensor(progress.loss_sum, dtype=torch.float32).to(device)
-        progress.correct = torch.as_tensor(progress.correct, dtype=torch.long).to(device)
+        for name, dtype in _DEVICE_FIELDS.items():
+            setattr(progress, name, torch.as_tensor(getattr(progress, name), dtype=dtype).to(device))
         return progress
 
     def halve_lr(self) -> None:
@@ -285,9 +302,9 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
     checkpoint = Path(checkpoint) if checkpoint is not None else None
 
     def fresh_sums(p: _Progress) -> None:
-        p.loss_sum = torch.zeros((), device=device)
-        p.correct = torch.zeros((), device=device, dtype=torch.long)
-        p.seen = p.skipped = p.streak = 0
+        for name, dtype in _DEVICE_FIELDS.items():
+            setattr(p, name, torch.full((), -1 if name == "tripped" else 0, device=device, dtype=dtype))
+        p.seen = 0
         p.epoch_seconds = 0.0
 
     prog = _Progress()
@@ -367,33 +384,45 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                if torch.isfinite(loss.detach()).item():
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    prog.loss_sum += loss.detach() * y.numel()
-                    prog.correct += (logits.detach().argmax(1) == y).sum()
-                    prog.seen += y.numel()
-                    prog.streak = 0
-                else:  # skip the step: the weights never see a NaN/inf loss
-                    prog.skipped += 1
-                    prog.streak += 1
+                # Skip the step of a NaN/inf loss without asking the host: the fused optimizer reads the
+                # flag on the device (GradScaler does the same with its own flag under fp16 autocast).
+                loss = loss.detach()
+                bad = ~torch.isfinite(loss)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.found_inf = bad.float().reshape(1)
+                    optimizer.step()
+                    optimizer.found_inf = None
+                n = y.shape[0]
+                prog.loss_sum += torch.where(bad, 0.0, loss.float() * n)
+                prog.correct += (logits.detach().argmax(1) == y).sum() * ~bad
+                prog.counted += n * ~bad
+                prog.skipped += bad
+                prog.streak = (prog.streak + 1) * bad
+                prog.tripped = torch.where((prog.tripped < 0) & (prog.streak >= nonfinite_patience), step, prog.tripped)
+                prog.seen += n
                 scheduler.step()  # the schedule counts steps, taken or skipped
                 prog.step = step + 1
-                if prog.streak >= nonfinite_patience:
-                    prog = rollback(prog, f"{prog.streak} non-finite losses in a row (epoch {epoch + 1}, "
-                                          f"step {step + 1})")
+                refresh = (step + 1) % REFRESH_EVERY == 0 or step + 1 == steps_per_epoch
+                # The host reads the device only here, every REFRESH_EVERY steps: a streak of non-finite
+                # losses (their steps already skipped) is caught within that many steps.
+                if (refresh or signals) and (tripped := int(prog.tripped)) >= 0:
+                    prog = rollback(prog, f"{nonfinite_patience} non-finite losses in a row (epoch {epoch + 1}, "
+                                          f"step {tripped + 1})")
                     rolled_back = True
+                    if signals:
+                        stop(prog, signals[0], f"at epoch {prog.epoch + 1}, step {prog.step}/{steps_per_epoch}")
                     break
                 if signals:
                     prog.epoch_seconds = time.perf_counter() - t0
                     stop(prog, signals[0], f"at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}")
-                if (step + 1) % REFRESH_EVERY == 0 or step + 1 == steps_per_epoch:
+                if refresh:
                     rate = prog.seen / max(time.perf_counter() - t0, 1e-9)
-                    info = (f"epoch {epoch + 1}/{epochs}  loss {prog.loss_sum.item() / max(prog.seen, 1):.3f}  "
-                            f"acc {prog.correct.item() * 100 / max(prog.seen, 1):.1f}%  {rate:,.0f} img/s")
+                    counted = max(int(prog.counted), 1)
+                    info = (f"epoch {epoch + 1}/{epochs}  loss {prog.loss_sum.item() / counted:.3f}  "
+                            f"acc {prog.correct.item() * 100 / counted:.1f}%  {rate:,.0f} img/s")
                     bar.update(task, completed=epoch * steps_per_epoch + step + 1, info=info)
             if rolled_back:
                 continue
@@ -402,13 +431,13 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                 continue
             epoch_time = time.perf_counter() - t0
             acc = evaluate(model, data.eval_batches(split))
-            seen = prog.seen
-            record = {"epoch": epoch + 1, "loss": prog.loss_sum.item() / max(seen, 1),
-                      "train_accuracy": prog.correct.item() * 100 / max(seen, 1), f"{split}_accuracy": acc,
+            seen, counted, n_skipped = prog.seen, max(int(prog.counted), 1), int(prog.skipped)
+            record = {"epoch": epoch + 1, "loss": prog.loss_sum.item() / counted,
+                      "train_accuracy": prog.correct.item() * 100 / counted, f"{split}_accuracy": acc,
                       "seconds": round(epoch_time, 2), "images_per_s": round(seen / max(epoch_time, 1e-9), 1),
-                      "skipped_steps": prog.skipped}
+                      "skipped_steps": n_skipped}
             prog.history.append(record)
-            skipped = f", {prog.skipped} non-finite steps skipped" if prog.skipped else ""
+            skipped = f", {n_skipped} non-finite steps skipped" if n_skipped else ""
             log(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f} "
                 f"train {record['train_accuracy']:.2f}% {split} {acc:.2f}% ({record['images_per_s']:,.0f} img/s)"
                 f"{skipped}")
