@@ -96,18 +96,24 @@ def run(
     reports: Optional[Path] = typer.Option(None, "--reports", help="Report root (default: report.dir in the YAML, 'reports')."),
     force: list[str] = typer.Option([], "--force", "-f", help="Re-run this stage even if its cache key is unchanged (repeatable)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (one line per epoch instead)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train with N processes (PyTorch DDP via torchrun): one per GPU, "
+                              "or N CPU processes on gloo. Same as `torchrun --nproc-per-node N -m compress run ...`."),
 ) -> None:
     """Run a pipeline: every stage, then engines, benchmark and report.
 
     Stages whose config and inputs did not change since the last run in OUT are reused.
+    With `--nproc N` the train, distill and prune stages train data-parallel in N processes
+    (each takes 1/N of every batch: the global batch size and learning rate stay as written);
+    the rest runs in the first process.
 
     **Examples**
 
     * `compress run pipelines/distill.yaml`
     * `compress run pipelines/distill.yaml --set stages.teacher.epochs=1 --set data.batch_size=128`
     * `compress run pipelines/distill.yaml --force mnv2-int8`
+    * `compress run pipelines/distill.yaml --nproc 2` (DDP: two GPUs, or two CPU processes)
     """
-    from compress import config
+    from compress import config, distributed
     from compress.context import StageError
     from compress.pipeline import run_pipeline
 
@@ -117,6 +123,13 @@ def run(
         unknown = [s for s in force if s not in cfg.stages]
         if unknown:
             _fail(f"--force {unknown[0]!r}: no such stage in {pipeline} (stages: {', '.join(cfg.stages)})")
+        if nproc > 1 and not distributed.launched():  # the config is valid: start N copies of this command
+            args = ["run", str(pipeline), "--out", str(out), *(a for v in set_ for a in ("--set", v)),
+                    *(["--reports", str(reports)] if reports else []), *(a for f in force for a in ("--force", f)),
+                    *(["--no-progress"] if no_progress else [])]
+            raise typer.Exit(_torchrun(nproc, args))
+        if not distributed.is_main_process():  # under torchrun: rank 0 talks, the others work quietly
+            no_progress = True
         with _sigterm_as_ctrl_c():
             report_dir = run_pipeline(cfg, pipeline_path=pipeline, runs_dir=out, force=tuple(force),
                                       log=lambda m: console.print(m, markup=False, highlight=False),
@@ -135,7 +148,35 @@ def run(
             message += "; finished stages are kept, and the same command continues from there"
         console.print(f"[bold yellow]stopped:[/] {escape(message)}", soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED)
-    console.print(f"[bold green]report:[/] {report_dir / 'report.md'}")
+    if report_dir is not None:  # None: a worker process other than rank 0
+        console.print(f"[bold green]report:[/] {report_dir / 'report.md'}")
+
+
+def _torchrun(nproc: int, args: list[str]) -> int:
+    """Run `compress ARGS` in `nproc` processes the way torchrun does; 0, or the first failed worker's exit code.
+
+    The workers inherit this terminal (progress bars and the one-line errors are theirs); a
+    failed worker makes the launcher stop the others.
+    """
+    import logging
+    import os
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.5)
+    os.environ["OMP_NUM_THREADS"] = threads  # torchrun's default is 1; share the cores out instead
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "compress", *args)
+    except ChildFailedError as exc:
+        first = exc.get_first_failure()[1]
+        return first.exitcode if first.exitcode and first.exitcode > 0 else 1
+    return 0
 
 
 @app.command()

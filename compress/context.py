@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.io import load_model, save_model
 from compress.registry import ModelError, count_macs, count_params, create_model
 
@@ -83,8 +84,10 @@ class Context:
                    parent: str | None = None) -> Artifact:
         """Write `model.pt` in the stage directory and describe it as this stage's artifact."""
         model = model.cpu().eval()
-        path = save_model(model, self.stage_dir / "model.pt", name=model_name,
-                          num_classes=self.data.num_classes, in_channels=self.data.in_channels)
+        path = self.stage_dir / "model.pt"
+        if distributed.is_main():  # under torchrun every process has the same weights; rank 0 writes them
+            save_model(model, path, name=model_name, num_classes=self.data.num_classes,
+                       in_channels=self.data.in_channels)
         return Artifact(name=self.stage_name, stage=stage, parent=parent, model=model_name,
                         files={"model": str(path)}, params=count_params(model),
                         macs=count_macs(model, self.input_shape()), metrics=metrics)

@@ -14,6 +14,10 @@ A stage that trains checkpoints into `checkpoint-<key>.pt` in its directory (see
 compress.training); a killed run resumes there, and the file goes once the manifest is
 written. One run at a time per run directory: `runs/<name>/.lock` is held with flock, which
 the kernel releases when the process dies, so a killed run never leaves it stuck.
+
+Under torchrun (`compress run --nproc N`) every process runs this loop; the stages in
+DATA_PARALLEL_STAGES train in all of them (see compress.distributed), the rest run in rank 0,
+which alone writes files, and hands each artifact to the others.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import hashlib
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import import_module
@@ -32,6 +36,7 @@ from typing import Callable
 import torch
 
 import compress
+from compress import distributed
 from compress.config import PipelineConfig
 from compress.context import Artifact, Context, seed_everything
 from compress.io import atomic_write_json, sha256_file
@@ -39,6 +44,7 @@ from compress.io import atomic_write_json, sha256_file
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 MODEL_STAGES = {"train", "distill", "prune", "quantize"}
+DATA_PARALLEL_STAGES = {"train", "distill", "prune"}   # trained by every process under torchrun
 
 
 class RunLockedError(RuntimeError):
@@ -140,20 +146,29 @@ def teachers_of(cfg: PipelineConfig, name: str, artifacts: dict[str, Artifact]) 
 
 def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = Path("runs"),
                  force: tuple[str, ...] = (), log: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """Run every stage (or reuse it from cache), benchmark every artifact, write the report; return its dir."""
+    """Run every stage (or reuse it from cache), benchmark every artifact, write the report; return its dir.
+
+    Under torchrun, processes other than rank 0 return None once the stages are done.
+    """
     started = time.perf_counter()
     run_dir = runs_dir / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir):
-        return _run_locked(cfg, run_dir, pipeline_path, force, log, progress, started)
+    device = distributed.init(resolve_device(cfg.device))
+    try:
+        if not distributed.is_main():
+            return _run_locked(cfg, run_dir, pipeline_path, force, lambda m: None, False, started, device)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(run_dir):
+            return _run_locked(cfg, run_dir, pipeline_path, force, log, progress, started, device)
+    finally:
+        distributed.shutdown()
 
 
 def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: tuple[str, ...],
-                log: Callable[[str], None], progress: bool, started: float) -> Path:
+                log: Callable[[str], None], progress: bool, started: float, device: torch.device) -> Path | None:
     from compress.data import build_data
     from compress.stages import benchmark, engine, export, report
 
-    device = resolve_device(cfg.device)
+    main = distributed.is_main()
     if cfg.benchmark.threads:
         torch.set_num_threads(cfg.benchmark.threads)
     data = build_data(cfg.data, device, cfg.seed, log=log)
@@ -172,7 +187,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
         stage_dir = run_dir / name
         manifest_path = stage_dir / MANIFEST
         if name not in force:
-            cached, why = _cached(manifest_path, key)
+            cached, why = distributed.broadcast(_cached(manifest_path, key) if main else None)
             if cached is not None:
                 artifacts[name] = cached
                 stage_times[name] = 0.0
@@ -181,9 +196,15 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
             if why:
                 log(f"[{name}] {why}: running it again")
         log(f"[{name}] {stage_cfg.type}" + (f" from {', '.join(a.name for a in inputs)}" if inputs else ""))
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in stage_dir.glob(".*.tmp"):  # half-written files of a killed run (we hold the lock)
-            leftover.unlink(missing_ok=True)
+        if main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in stage_dir.glob(".*.tmp"):  # half-written files of a killed run (we hold the lock)
+                leftover.unlink(missing_ok=True)
+        distributed.barrier()
+        data_parallel = stage_cfg.type in DATA_PARALLEL_STAGES
+        if not (main or data_parallel):  # rank 0 runs it; take its artifact
+            artifacts[name] = distributed.broadcast(None)
+            continue
         # Named by the cache key: a checkpoint of another config is never resumed from (nor deleted before
         # this stage succeeds, so going back to that config can still resume it).
         checkpoint = stage_dir / f"checkpoint-{key[:16]}.pt"
@@ -193,7 +214,11 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
                       log=log, progress=progress, checkpoint=checkpoint)
         t0 = time.perf_counter()
         stage_module = import_module(f"compress.stages.{stage_cfg.type}")
-        artifact = stage_module.run(stage_cfg, ctx)
+        with distributed.training_stage() if data_parallel else nullcontext():
+            artifact = stage_module.run(stage_cfg, ctx)
+        if not main:  # rank 0 saved the model; it exports and records it, then shares the artifact
+            artifacts[name] = distributed.broadcast(None)
+            continue
         artifact = export.run(cfg.export, ctx, artifact)
         wall = time.perf_counter() - t0
         artifact.metrics["wall_seconds"] = round(wall, 2)
@@ -210,13 +235,17 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
             "versions": versions(),
             "data": data.summary(),  # preprocessing and labels: a run directory alone is deployable
             "wall_seconds": round(wall, 2),
+            "processes": distributed.world() if data_parallel else 1,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "artifact": asdict(artifact),
         })
         for done in stage_dir.glob("checkpoint-*.pt"):  # the manifest now vouches for the result
             done.unlink(missing_ok=True)
         log(f"[{name}] done in {wall:.1f} s")
+        distributed.broadcast(artifact)  # to the other processes, if any
 
+    if not main:  # engines, benchmark and report are rank 0's
+        return None
     ctx = Context(run_dir=run_dir, stage_dir=run_dir, stage_name="benchmark", device=device, seed=cfg.seed,
                   data=data, inputs=list(artifacts.values()), teachers=[], artifacts=artifacts,
                   base_dir=base_dir, log=log, progress=progress)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from compress import distributed
 from compress.config import OptimConfig
 from compress.context import StageError
 from compress.io import CheckpointError, atomic_write_bytes, nonfinite_tensors, safe_load
@@ -300,6 +301,12 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
     split = "val" if has_val else "train"
     trainer = _Trainer(model, optimizer, scheduler, scaler, kd_loss)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
+    # Under torchrun (compress.distributed): DDP averages the gradients; every process sees the
+    # same batches and trains on its slice of each, and only rank 0 writes the checkpoint.
+    ddp, rank, world = distributed.data_parallel(), distributed.rank(), distributed.world()
+    net = model
+    if ddp:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def fresh_sums(p: _Progress) -> None:
         for name, dtype in _DEVICE_FIELDS.items():
@@ -325,7 +332,7 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
     def save(p: _Progress) -> None:
         nonlocal good
         good = trainer.snapshot(p)
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             atomic_write_bytes(checkpoint, good)
 
     def rollback(p: _Progress, why: str) -> _Progress:
@@ -369,10 +376,12 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
             # The order is a function of (seed, epoch): a resumed epoch skips the steps already done.
             batches = itertools.islice(data.train_batches(epoch, batch_size), prog.step, None)
             for step, (x, y) in enumerate(batches, start=prog.step):
+                if ddp:  # this process's slice; the slices of all processes make up the batch
+                    x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:
-                    logits = model(x)
+                    logits = net(x)
                     if teachers:
                         with torch.no_grad():
                             t_logits = [t(x) for t in teachers]
@@ -388,6 +397,11 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                 # flag on the device (GradScaler does the same with its own flag under fp16 autocast).
                 loss = loss.detach()
                 bad = ~torch.isfinite(loss)
+                if ddp:  # one process's NaN poisons the averaged gradients: all skip together
+                    bad = distributed.all_reduce_(bad.to(torch.uint8), "max").bool()
+                    for p in loss_params:  # a loss's own weights (adapters) are not in the DDP module
+                        if p.grad is not None:
+                            distributed.all_reduce_(p.grad).div_(world)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -431,9 +445,12 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                 continue
             epoch_time = time.perf_counter() - t0
             acc = evaluate(model, data.eval_batches(split))
-            seen, counted, n_skipped = prog.seen, max(int(prog.counted), 1), int(prog.skipped)
-            record = {"epoch": epoch + 1, "loss": prog.loss_sum.item() / counted,
-                      "train_accuracy": prog.correct.item() * 100 / counted, f"{split}_accuracy": acc,
+            sums = torch.stack([prog.loss_sum.double(), prog.correct.double(), prog.counted.double(),
+                                torch.tensor(float(prog.seen), dtype=torch.float64, device=device)])
+            loss_sum, correct, counted, seen = distributed.all_reduce_(sums).tolist()  # over processes
+            counted, seen, n_skipped = max(counted, 1), int(seen), int(prog.skipped)
+            record = {"epoch": epoch + 1, "loss": loss_sum / counted,
+                      "train_accuracy": correct * 100 / counted, f"{split}_accuracy": acc,
                       "seconds": round(epoch_time, 2), "images_per_s": round(seen / max(epoch_time, 1e-9), 1),
                       "skipped_steps": n_skipped}
             prog.history.append(record)
