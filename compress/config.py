@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 
 
@@ -21,9 +22,39 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _omit_at_default(model: BaseModel, dumped: dict, names: tuple[str, ...]) -> dict:
+    """Leave fields added after runs were cached out of a dump while they hold their defaults, so the
+    cache keys (hashes of dumps) of configs that do not use them stay what they were."""
+    for name in names:
+        if getattr(model, name) == type(model).model_fields[name].default:
+            dumped.pop(name, None)
+    return dumped
+
+
 class AugmentConfig(Strict):
+    """Per-image augmentation of training batches, on the device (compress.data.augment), in every stage."""
+
     crop_padding: int = Field(2, ge=0, description="random crop after zero padding by this many pixels (0: off)")
     hflip: bool = Field(True, description="random horizontal flip")
+    rotation: float = Field(0.0, ge=0, le=180, description="random rotation by up to +- this many degrees "
+                                                          "(bilinear, black corners; 0: off)")
+    erasing: float = Field(0.0, ge=0, le=1, description="random erasing: probability that an image gets one "
+                                                         "box erased (0: off; 0.25 is timm's usual)")
+    erasing_area: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.02, 1 / 3), description="random erasing: [min, max] area of the box as a fraction of the image")
+    erasing_value: Literal["zero", "random"] = Field(
+        "zero", description="random erasing fills the box with zero (after normalization: the dataset mean) or "
+                            "random (per-pixel N(0, 1) noise)")
+
+    @model_validator(mode="after")
+    def _area_range(self):
+        if self.erasing_area[0] > self.erasing_area[1]:
+            raise ValueError(f"erasing_area {list(self.erasing_area)}: min is above max")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _omit_at_default(self, handler(self), ("rotation", "erasing", "erasing_area", "erasing_value"))
 
 
 class SyntheticConfig(Strict):
@@ -57,10 +88,29 @@ class OptimConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up (cosine schedule)")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    warmup_epochs: float = Field(0.0, ge=0, description="cosine, constant: linear warm-up from 0 over these epochs; "
+                                                         "onecycle: the length of its rise from lr/10 (default a "
+                                                         "quarter of the steps)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy against (1 - s) * target + s / "
+                                                                 "classes; with mixup/cutmix, of the mixed target")
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported); ignored on CPU")
     batch_size: int | None = Field(None, ge=1, description="overrides data.batch_size for this stage")
+    # Regularization (all off by default); the teachers of a distilling stage see the same mixed images.
+    mixup_alpha: float = Field(0.0, ge=0, description="mixup: blend each batch with itself reversed by lam ~ "
+                                                       "Beta(a, a), labels alike (0: off; 0.2 is usual)")
+    cutmix_alpha: float = Field(0.0, ge=0, description="cutmix: paste a box of the paired image, lam ~ Beta(a, a) "
+                                                        "of the pixels kept, labels mixed by area (0: off; 1 is usual)")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed (mixup/cutmix on)")
+    mix_switch_prob: float = Field(0.5, ge=0, le=1, description="with both mixup and cutmix on: probability "
+                                                                 "that a mixed batch uses cutmix")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="evaluate and keep an exponential moving "
+                                    "average of the weights, decay min(d, (1 + n) / (10 + n)) at update n "
+                                    "(e.g. 0.999; null: off)")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _omit_at_default(self, handler(self), ("mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob",
+                                                      "ema_decay"))
 
 
 # Distillation (distill stages, and the fine-tuning after prune). The loss is

@@ -45,6 +45,8 @@ from torch import nn
 from compress import distributed
 from compress.config import OptimConfig
 from compress.context import StageError
+from compress.data.augment import Mixer
+from compress.ema import EMA
 from compress.io import CheckpointError, atomic_write_bytes, nonfinite_tensors, safe_load
 
 REFRESH_EVERY = 20          # steps between progress-bar updates (each update syncs the device)
@@ -75,8 +77,11 @@ def make_optimizer(model: nn.Module, opts: OptimConfig, extra: list[nn.Parameter
 
 def make_scheduler(optimizer, opts: OptimConfig, total_steps: int, steps_per_epoch: int):
     if opts.schedule == "onecycle":
+        # warmup_epochs sets the length of its rise from lr/10 (OneCycleLR divides by zero at exactly one step)
+        rise = opts.warmup_epochs * steps_per_epoch
+        pct = min(max(rise, 2.0), total_steps - 1.0) / total_steps if rise and total_steps > 2 else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=opts.lr, total_steps=max(total_steps, 1),
-                                                   pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+                                                   pct_start=pct, div_factor=10.0, final_div_factor=100.0)
     warmup = int(opts.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
@@ -192,9 +197,9 @@ _DEVICE_FIELDS = {"loss_sum": torch.float32, "correct": torch.long, "counted": t
 class _Trainer:
     """The mutable objects of one fit, saved and restored together."""
 
-    def __init__(self, model, optimizer, scheduler, scaler, kd_loss):
-        self.model, self.optimizer, self.scheduler, self.scaler, self.kd_loss = (
-            model, optimizer, scheduler, scaler, kd_loss)
+    def __init__(self, model, optimizer, scheduler, scaler, kd_loss, ema: EMA | None = None):
+        self.model, self.optimizer, self.scheduler, self.scaler, self.kd_loss, self.ema = (
+            model, optimizer, scheduler, scaler, kd_loss, ema)
 
     def snapshot(self, progress: _Progress) -> bytes:
         """Everything needed to continue exactly here, serialized: the same bytes go to disk."""
@@ -204,6 +209,7 @@ class _Trainer:
                  "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "kd_loss": self.kd_loss.state_dict() if isinstance(self.kd_loss, nn.Module) else None,
+                 "ema": self.ema.state_dict() if self.ema is not None else None,
                  "rng": rng_state(),
                  "progress": asdict(progress)}
         buf = io.BytesIO()
@@ -217,6 +223,8 @@ class _Trainer:
         saved = state["model"]
         if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
             raise CheckpointError("its weights do not fit this model")
+        if self.ema is not None and state.get("ema") is None:
+            raise CheckpointError("it has no moving average of the weights (ema_decay)")
         self.model.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -224,6 +232,8 @@ class _Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if isinstance(self.kd_loss, nn.Module) and state["kd_loss"] is not None:
             self.kd_loss.load_state_dict(state["kd_loss"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         progress = _Progress(**state["progress"])
         for name, dtype in _DEVICE_FIELDS.items():
@@ -299,7 +309,10 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
     autocast, scaler = autocast_for(device, opts.amp)
     has_val = data.num_val > 0
     split = "val" if has_val else "train"
-    trainer = _Trainer(model, optimizer, scheduler, scaler, kd_loss)
+    ema = EMA(model, opts.ema_decay) if opts.ema_decay else None
+    scored = ema.module if ema is not None else model   # the weights evaluated, kept as best and returned
+    mix = Mixer.from_config(opts, data.num_classes, data.seed)   # mixup / cutmix, None when off
+    trainer = _Trainer(model, optimizer, scheduler, scaler, kd_loss, ema)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     # Under torchrun (compress.distributed): DDP averages the gradients; every process sees the
     # same batches and trains on its slice of each, and only rank 0 writes the checkpoint.
@@ -376,6 +389,8 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
             # The order is a function of (seed, epoch): a resumed epoch skips the steps already done.
             batches = itertools.islice(data.train_batches(epoch, batch_size), prog.step, None)
             for step, (x, y) in enumerate(batches, start=prog.step):
+                if mix is not None:  # y becomes (B, K) mixed targets; the teachers see the mixed images too
+                    x, y = mix(x, y, epoch, step)
                 if ddp:  # this process's slice; the slices of all processes make up the batch
                     x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
                 if device.type == "cuda":
@@ -409,9 +424,11 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                     optimizer.found_inf = bad.float().reshape(1)
                     optimizer.step()
                     optimizer.found_inf = None
+                if ema is not None:  # also after a skipped step: averaging unmoved weights once more is harmless
+                    ema.update(model)
                 n = y.shape[0]
                 prog.loss_sum += torch.where(bad, 0.0, loss.float() * n)
-                prog.correct += (logits.detach().argmax(1) == y).sum() * ~bad
+                prog.correct += (logits.detach().argmax(1) == (y.argmax(1) if y.ndim > 1 else y)).sum() * ~bad
                 prog.counted += n * ~bad
                 prog.skipped += bad
                 prog.streak = (prog.streak + 1) * bad
@@ -444,7 +461,7 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                 prog = rollback(prog, f"the weights became non-finite in epoch {epoch + 1}")
                 continue
             epoch_time = time.perf_counter() - t0
-            acc = evaluate(model, data.eval_batches(split))
+            acc = evaluate(scored, data.eval_batches(split))
             sums = torch.stack([prog.loss_sum.double(), prog.correct.double(), prog.counted.double(),
                                 torch.tensor(float(prog.seen), dtype=torch.float64, device=device)])
             loss_sum, correct, counted, seen = distributed.all_reduce_(sums).tolist()  # over processes
@@ -460,7 +477,7 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                 f"{skipped}")
             if acc > prog.best_accuracy:
                 prog.best_accuracy, prog.best_epoch = acc, epoch + 1
-                prog.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                prog.best_state = {k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()}
             prog.images_seen += seen
             prog.train_seconds += epoch_time
             prog.epoch, prog.step = epoch + 1, 0

@@ -2,7 +2,8 @@
 
 Small vision datasets fit in accelerator memory many times over, so there is no DataLoader and no
 per-image Python: a batch is an index into the stored tensor, augmented (random crop after zero
-padding, horizontal flip) by one gather and normalized in bulk, all on the device.
+padding and horizontal flip by one gather; rotation and random erasing when the config asks, see
+compress.data.augment) and normalized in bulk, all on the device.
 
 Randomness comes from a CPU generator seeded from (run seed, epoch) and is moved to the device
 once per epoch, so a run is reproducible and sees the same order on CPU and GPU. The val split,
@@ -20,12 +21,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from compress.config import DataConfig
+from compress.data.augment import ERASE_RATIO, erase, erasing_boxes, random_crop_flip, rotate
 
 SPLITS = ("train", "val", "test")
+ERASE_SALT = 0x657261      # the per-step generator of random erasing's noise
 SPLIT_SEED = 0         # val hold-out (and imagefolder's test hold-out when there is no test/)
 CALIBRATION_SEED = 1   # which train images calibrate quantization
 
@@ -47,35 +49,16 @@ class RawData:
     source: str             # where the files were found, or how the images were made
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from several integers (e.g. run seed and epoch) without collisions."""
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator (CPU unless `device`) seeded from several integers (e.g. run seed and epoch) without collisions."""
     state = np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0]))
+    return torch.Generator(device=device).manual_seed(int(state[0]))
 
 
 def split_indices(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Hold k of n items out by a seeded permutation: (kept, held), each in ascending order."""
     perm = torch.randperm(n, generator=seeded_generator(seed)).numpy()
     return np.sort(perm[k:]), np.sort(perm[:k])
-
-
-def random_crop_flip(x: Tensor, padding: int, dy: Tensor, dx: Tensor, flip: Tensor | None) -> Tensor:
-    """Crop each image at offset (dy, dx) of its zero-padded self, mirrored where `flip`; one gather.
-
-    x: (B, C, H, W); dy, dx: (B,) ints in [0, 2 * padding]; flip: (B,) bool or None.
-    Mirroring the crop is reading its columns right to left, so flip costs no extra pass.
-    """
-    b, c, h, w = x.shape
-    if padding:
-        x = F.pad(x, (padding, padding, padding, padding))
-    rows = dy[:, None] + torch.arange(h, device=x.device)                  # (B, H)
-    cols = torch.arange(w, device=x.device).expand(b, w)
-    if flip is not None:
-        cols = torch.where(flip[:, None], w - 1 - cols, cols)
-    cols = cols + dx[:, None]                                              # (B, W)
-    return x[torch.arange(b, device=x.device)[:, None, None, None],
-             torch.arange(c, device=x.device)[None, :, None, None],
-             rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -136,6 +119,7 @@ class DataModule:
         self.seed = seed
         self.batch_size = cfg.batch_size
         self.eval_batch_size = cfg.eval_batch_size
+        self.augment = cfg.augment
         self.crop_padding = cfg.augment.crop_padding
         self.hflip = cfg.augment.hflip
 
@@ -191,27 +175,53 @@ class DataModule:
         Nothing is dropped: the epoch is cut into steps_per_epoch() batches of near-equal size
         (differing by at most one, none larger than batch_size), so there is no straggler batch of
         one image to upset BatchNorm. The order depends only on (seed, epoch); `augment=False`
-        gives the same order without crop and flip.
+        gives the same order without any augmentation.
+
+        Augmentation, in order: crop and flip (uint8), rotation, normalization, random erasing.
+        Its parameters are drawn per image with the order, so they too depend only on (seed,
+        epoch); erasing's noise (`erasing_value: random`) comes from a device generator seeded by
+        (seed, epoch, step), so it differs between CPU and CUDA but repeats on each.
         """
         n = self.num_train
+        aug = self.augment
         g = seeded_generator(self.seed, epoch)
         order = torch.randperm(n, generator=g)
         pad = self.crop_padding if augment else 0
         flip = augment and self.hflip
         offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=g) if pad else torch.full((2, n), 0)
         flips = torch.rand(n, generator=g) < 0.5 if flip else None
-        to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        order, offsets = to_device(order), to_device(offsets)
-        flips = to_device(flips) if flips is not None else None
+        # Drawn after the draws above, and only when on: switching them on leaves crops and flips as they were.
+        degrees = (2 * torch.rand(n, generator=g) - 1) * aug.rotation if augment and aug.rotation else None
+        erasing = augment and aug.erasing > 0
+        if erasing:
+            h, w = self.image_size
+            lo, hi = aug.erasing_area
+            erase_on = torch.rand(n, generator=g) < aug.erasing
+            area = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+            log_ratio = torch.empty(n, dtype=torch.float64).uniform_(*map(math.log, ERASE_RATIO), generator=g)
+            boxes = erasing_boxes(area, log_ratio, torch.rand(2, n, generator=g, dtype=torch.float64), h, w)
+        to_device = lambda t: t.to(self.device, non_blocking=True) if t is not None else None  # noqa: E731
+        order, offsets, flips, degrees = map(to_device, (order, offsets, flips, degrees))
+        if erasing:
+            erase_on, boxes = to_device(erase_on), to_device(boxes)
 
         steps = self.steps_per_epoch(batch_size)
         x, y = self._x["train"], self._y["train"]
-        for pos in torch.arange(n, device=self.device).tensor_split(steps):
+        for step, pos in enumerate(torch.arange(n, device=self.device).tensor_split(steps)):
             idx = order[pos]
             xb = x[idx]
             if pad or flip:
                 xb = random_crop_flip(xb, pad, offsets[0, pos], offsets[1, pos], flips[pos] if flip else None)
-            yield self.normalize(xb), y[idx]
+            if degrees is not None:
+                xb = rotate(xb, degrees[pos])
+            xb = self.normalize(xb)
+            if erasing:
+                value = 0.0
+                if aug.erasing_value == "random":
+                    noise = seeded_generator(self.seed, epoch, step, ERASE_SALT, device=self.device)
+                    value = torch.randn(xb.shape, generator=noise, device=self.device)
+                xb = erase(xb, boxes[:, pos], erase_on[pos], value)
+            yield xb, y[idx]
 
     def eval_batches(self, split: str, batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """A split in its fixed order, normalized, without augmentation."""
@@ -237,3 +247,14 @@ class DataModule:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         return self._x[split], self._y[split]
+
+    def calibration_subset(self, split: str, n: int, seed: int = CALIBRATION_SEED) -> Tensor:
+        """n normalized images of train or val (all, if fewer), a seeded random subset; never test.
+
+        With split="train" and the default seed this is `calibration_images(n)`.
+        """
+        if split not in ("train", "val"):
+            raise ValueError(f"calibration images come from train or val, not {split!r}")
+        x, _ = self._split(split)
+        idx = torch.randperm(len(x), generator=seeded_generator(seed))[:n]
+        return self.normalize(x[idx.to(self.device)])

@@ -1,0 +1,162 @@
+"""Batched augmentation and mixing: whole batches on the device, no per-image Python.
+
+Every function here takes a batch and per-image parameters drawn elsewhere from seeded
+generators (DataModule: once per epoch from (seed, epoch); Mixer: per step from (seed, epoch,
+step)), so a resumed epoch sees the same pixels bit for bit.
+
+* crop and flip: one gather (`random_crop_flip`).
+* rotation: one `affine_grid` + `grid_sample`, bilinear, zero (black) fill (`rotate`).
+* random erasing, Zhong et al. (AAAI 2020), "Random Erasing Data Augmentation": one box per
+  image, as a broadcast row-and-column mask (`erasing_boxes`, `erase`).
+* mixup, Zhang et al. (ICLR 2018), "mixup: Beyond Empirical Risk Minimization", and CutMix,
+  Yun et al. (ICCV 2019), "CutMix: Regularization Strategy to Train Strong Classifiers with
+  Localizable Features": one lam per batch, each image paired with its mirror in the
+  (already shuffled) batch, labels mixed by the same lam (`Mixer`), as timm's batch mode does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ERASE_RATIO = (0.3, 1 / 0.3)    # aspect ratio (h / w) of an erased box: log-uniform in this range (the paper's)
+MIX_SALT = 0x6D6978             # keeps the mixer's per-step generator apart from the data's per-epoch one
+
+
+def random_crop_flip(x: Tensor, padding: int, dy: Tensor, dx: Tensor, flip: Tensor | None) -> Tensor:
+    """Crop each image at offset (dy, dx) of its zero-padded self, mirrored where `flip`; one gather.
+
+    x: (B, C, H, W); dy, dx: (B,) ints in [0, 2 * padding]; flip: (B,) bool or None.
+    Mirroring the crop is reading its columns right to left, so flip costs no extra pass.
+    """
+    b, c, h, w = x.shape
+    if padding:
+        x = F.pad(x, (padding, padding, padding, padding))
+    rows = dy[:, None] + torch.arange(h, device=x.device)                  # (B, H)
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    if flip is not None:
+        cols = torch.where(flip[:, None], w - 1 - cols, cols)
+    cols = cols + dx[:, None]                                              # (B, W)
+    return x[torch.arange(b, device=x.device)[:, None, None, None],
+             torch.arange(c, device=x.device)[None, :, None, None],
+             rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def rotate(x: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate each image about its centre by `degrees` (B,), counter-clockwise as seen; float out.
+
+    The grid is built in normalized [-1, 1] coordinates, so on a non-square image the rotation
+    is corrected by the aspect ratio to stay a rotation in pixels. Corners that come from
+    outside the image are 0 (black, as crop padding is).
+    """
+    b, c, h, w = x.shape
+    rad = degrees.to(device=x.device, dtype=torch.float32) * (math.pi / 180)
+    cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
+    # output pixel (u, v) reads input pixel R(rad) (u, v): the content turns by -rad in y-down
+    # image coordinates, i.e. counter-clockwise on screen
+    theta = torch.stack([torch.stack([cos, -sin * (h / w), zero], 1),
+                         torch.stack([sin * (w / h), cos, zero], 1)], 1)   # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def erasing_boxes(area: Tensor, log_ratio: Tensor, position: Tensor, h: int, w: int) -> Tensor:
+    """(4, B) long: top, left, height, width of one box per image, from uniform draws.
+
+    area: (B,) fraction of the image; log_ratio: (B,) log of the aspect ratio h / w;
+    position: (2, B) in [0, 1), placing the box uniformly where it fits. A box taller or wider
+    than the image is cut to it (the paper redraws instead; this keeps it one batched pass).
+    """
+    pixels = area * (h * w)
+    ratio = log_ratio.exp()
+    bh = (pixels * ratio).sqrt().round().clamp(1, h)
+    bw = (pixels / ratio).sqrt().round().clamp(1, w)
+    top = (position[0] * (h - bh + 1)).floor().clamp(max=h - bh)
+    left = (position[1] * (w - bw + 1)).floor().clamp(max=w - bw)
+    return torch.stack([top, left, bh, bw]).long()
+
+
+def erase(x: Tensor, boxes: Tensor, apply: Tensor, value: Tensor | float = 0.0) -> Tensor:
+    """Replace each image's box (from `erasing_boxes`) by `value` where `apply` (B,) is true.
+
+    value: a scalar (0 after normalization is the dataset mean) or a tensor shaped like x
+    (e.g. noise). The mask is built by broadcasting rows (B, H) against columns (B, W).
+    """
+    b, c, h, w = x.shape
+    top, left, bh, bw = boxes
+    rows = torch.arange(h, device=x.device)[None]
+    cols = torch.arange(w, device=x.device)[None]
+    in_rows = (rows >= top[:, None]) & (rows < (top + bh)[:, None])                 # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])               # (B, W)
+    mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None])[:, None]   # (B, 1, H, W)
+    return torch.where(mask, torch.as_tensor(value, dtype=x.dtype, device=x.device), x)
+
+
+def cutmix_box(lam: float, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a box of about (1 - lam) of the image, centred anywhere; cut at the borders."""
+    cut = math.sqrt(1.0 - lam)
+    bh, bw = round(h * cut), round(w * cut)
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    top, left = cy - bh // 2, cx - bw // 2
+    return max(top, 0), min(top + bh, h), max(left, 0), min(left + bw, w)
+
+
+class Mixer:
+    """Mixup and CutMix of a batch with its own mirror image x.flip(0), and of the labels with them.
+
+    Each step draws from a generator seeded by (seed, epoch, step): whether the batch is mixed
+    (`prob`), then, with both methods on, CutMix with `switch_prob` else mixup, and lam ~
+    Beta(alpha, alpha). CutMix pastes the partner's box and sets lam to the exact share of
+    pixels kept. The batch order is already random, so pairing image i with image B-1-i is a
+    random pairing that costs no permutation.
+
+    Targets come back as (B, K) probabilities, lam·onehot(y) + (1-lam)·onehot(y.flip(0));
+    cross-entropy with `label_smoothing` on them equals lam·CE(y) + (1-lam)·CE(y.flip(0)), each
+    smoothed (CE is linear in its target). An unmixed batch returns its integer labels.
+    """
+
+    def __init__(self, num_classes: int, *, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 prob: float = 1.0, switch_prob: float = 0.5, seed: int = 0):
+        self.num_classes = num_classes
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.prob, self.switch_prob, self.seed = prob, switch_prob, seed
+
+    @classmethod
+    def from_config(cls, opts, num_classes: int, seed: int) -> "Mixer | None":
+        """The mixer a compress.config.OptimConfig asks for, or None when mixing is off."""
+        if not (opts.mixup_alpha or opts.cutmix_alpha) or not opts.mix_prob:
+            return None
+        return cls(num_classes, mixup_alpha=opts.mixup_alpha, cutmix_alpha=opts.cutmix_alpha,
+                   prob=opts.mix_prob, switch_prob=opts.mix_switch_prob, seed=seed)
+
+    def params(self, epoch: int, step: int, h: int, w: int) -> tuple[float, tuple[int, int, int, int] | None]:
+        """(lam, CutMix box or None) for one step; lam 1.0: leave the batch alone."""
+        rng = np.random.default_rng([k % 2**64 for k in (self.seed, epoch, step, MIX_SALT)])
+        if rng.random() >= self.prob:
+            return 1.0, None
+        cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < self.switch_prob)
+        alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
+        lam = float(rng.beta(alpha, alpha))
+        if not cutmix:
+            return lam, None
+        top, bottom, left, right = box = cutmix_box(lam, h, w, rng)
+        return 1.0 - (bottom - top) * (right - left) / (h * w), box
+
+    def __call__(self, x: Tensor, y: Tensor, epoch: int, step: int) -> tuple[Tensor, Tensor]:
+        """(mixed images, (B, K) mixed targets), or (x, y) unchanged when this step does not mix."""
+        lam, box = self.params(epoch, step, x.shape[-2], x.shape[-1])
+        if lam >= 1.0:
+            return x, y
+        partner = x.flip(0)
+        if box is None:
+            x = x * lam + partner * (1.0 - lam)
+        else:
+            top, bottom, left, right = box
+            x = x.clone()
+            x[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        one_hot = F.one_hot(y, self.num_classes).float()
+        return x, one_hot * lam + one_hot.flip(0) * (1.0 - lam)
