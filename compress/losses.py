@@ -250,6 +250,10 @@ def _match_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a, F.adaptive_avg_pool2d(b, a.shape[-2:])
 
 
+def _normal(t: Tensor) -> Tensor:
+    return t.clone() if t.is_inference() else t
+
+
 class FeatureLoss(nn.Module):
     """Captures (teacher layer, student layer) feature maps with forward hooks; subclasses compare them.
 
@@ -306,7 +310,9 @@ class FeatureLoss(nn.Module):
 
     def forward(self) -> Tensor:
         try:
-            return sum(self.compare(i, self._maps[("teacher", i)], self._maps[("student", i)])
+            # Teacher maps captured under torch.inference_mode are cloned into normal tensors: an
+            # inference tensor cannot be saved for the backward pass (MSE saves its target).
+            return sum(self.compare(i, _normal(self._maps[("teacher", i)]), self._maps[("student", i)])
                        for i in range(len(self.pairs)))
         except KeyError:
             raise RuntimeError("feature loss called before the teacher and the student ran on this batch") from None

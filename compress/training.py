@@ -398,9 +398,10 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                 with autocast:
                     logits = net(x)
                     if teachers:
-                        with torch.no_grad():
+                        with torch.inference_mode():  # no autograd bookkeeping at all for the teachers
                             t_logits = [t(x) for t in teachers]
-                        loss = kd_loss(logits, t_logits, y)
+                        # Outside inference mode, as normal tensors: the loss may save them for its backward.
+                        loss = kd_loss(logits, [t.clone() for t in t_logits], y)
                     else:
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=opts.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
