@@ -1,4 +1,4 @@
-"""Post-training INT8 quantization with NNCF, written as a QDQ ONNX model TensorRT accepts.
+"""Post-training INT8 quantization (NNCF or ONNX Runtime), written as a QDQ ONNX model TensorRT accepts.
 
 The idea is min-max PTQ (Jacob et al. 2018, "Quantization and Training of Neural Networks
 for Efficient Integer-Arithmetic-Only Inference"; NVIDIA's "Integer Quantization for Deep
@@ -26,6 +26,11 @@ mode, which accepts only signed int8 with zero points of 0, per-channel on weigh
 5. Fold the weight QuantizeLinear nodes into int8 initializers (weight -> DequantizeLinear),
    the standard QDQ form: the file holds int8 weights (~4x smaller) and TensorRT reads them
    directly.
+
+`backend: onnxruntime` instead runs ONNX Runtime's `quantize_static` on the parent's FP32 ONNX,
+configured to the same rules (see `ort_qdq`). Both backends hand over the graph before step 5,
+so `_sensitivity.py` can keep chosen layers in float (accuracy-aware PTQ, `max_accuracy_drop`)
+and write the per-layer report; then `write_qdq` folds, checks and writes the file.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -264,7 +270,50 @@ def onnx_size_bytes(path: str | os.PathLike) -> int:
     return Path(path).stat().st_size
 
 
-# ---------------------------------------------------------------------------- the PTQ entry point
+# ---------------------------------------------------------------------------- writing the QDQ file
+
+
+def _export_bytes(model: nn.Module, input_shape: tuple[int, int, int], opset: int) -> bytes:
+    """The TorchScript tracer with compress/stages/export.py's settings (its docstring says why this
+    exporter); NNCF's quantizers emit Q/DQ only under torch.jit tracing. The tracer warnings are about
+    quantizer levels read as Python numbers, which are constants by design."""
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape("You are using the legacy TorchScript-based ONNX export"))
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(model, (torch.zeros(1, *input_shape),), buf, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          opset_version=opset, do_constant_folding=True)
+    return buf.getvalue()
+
+
+def write_qdq(proto, onnx_path: str | os.PathLike) -> dict:
+    """Fold weight QuantizeLinear nodes into int8 initializers, check the file is what TensorRT takes
+    (every zero point int8 0), write it atomically; return facts about it. `proto` is modified."""
+    import onnx
+
+    weights_folded = _fold_weight_quantize(proto)
+    onnx.checker.check_model(proto)
+    params = _qdq_params(proto)
+    bad = [p["name"] for p in params if p["zero_point"].dtype != np.int8 or np.any(p["zero_point"] != 0)]
+    if bad:  # never hand TensorRT a file it will reject; this is a bug in the steps before
+        raise RuntimeError(f"non-int8 or non-zero zero points in {len(bad)} Q/DQ nodes, e.g. {bad[:3]}")
+    data = proto.SerializeToString()
+    atomic_write_bytes(Path(onnx_path), data)
+    ops = [n.op_type for n in proto.graph.node]
+    initializers = {init.name for init in proto.graph.initializer}
+    weight_dq = [p for p in params if p["op"] == "DequantizeLinear" and p["input"] in initializers]
+    return {
+        "onnx_bytes": len(data),
+        "quantize_linear": ops.count("QuantizeLinear"),
+        "dequantize_linear": ops.count("DequantizeLinear"),
+        "weight_dequantize_linear": len(weight_dq),
+        "weight_dequantize_per_channel": int(sum(np.asarray(p["scale"]).size > 1 for p in weight_dq)),
+        "int8_weight_initializers": weights_folded,
+    }
+
+
+# ---------------------------------------------------------------------------- backend 1: NNCF
 
 
 class _Forward(nn.Module):
@@ -278,33 +327,27 @@ class _Forward(nn.Module):
         return self.model(x)
 
 
-def quantize_ptq(model: nn.Module, calib_images: torch.Tensor, onnx_path: Path, input_shape: tuple[int, int, int], *,
-                 subset_size: int = 300, batch_size: int = 32, opset: int = 17,
-                 finetune: Callable[[nn.Module], dict] | None = None) -> dict:
-    """Calibrate an INT8 copy of `model` on `calib_images` and write it as a QDQ ONNX file.
-
-    subset_size  -- calibration images used (the first `subset_size` of `calib_images`)
-    batch_size   -- images per calibration forward pass
-    finetune     -- quantization-aware training: called with the calibrated fake-quantized model
-                    (already on TensorRT's signed int8 grid) before export; returns its metrics
-    The caller's model is not modified. Returns facts about the result for the manifest.
-    """
+def nncf_qdq(model: nn.Module, calib_images: torch.Tensor, input_shape: tuple[int, int, int], *,
+             subset_size: int = 300, batch_size: int = 32, opset: int = 17,
+             finetune: Callable[[nn.Module], dict] | None = None) -> tuple[object, dict]:
+    """NNCF INT8 of `model` as an ONNX QDQ graph whose weights are still float behind their Q/DQ pairs
+    (`write_qdq` folds them). Arguments as for `quantize_ptq`; returns (onnx.ModelProto, facts)."""
     import nncf
     import onnx
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     start = time.perf_counter()
-    onnx_path = Path(onnx_path)
     # Calibrate on CPU whatever the model's device: on CUDA, NNCF first compiles its CUDA
     # kernels (needs nvcc, minutes) for what is a few hundred forward passes.
     qmodel = copy.deepcopy(model).cpu().eval()
     if isinstance(qmodel, nn.Sequential):  # NNCF appends its hook storage to the top module,
         qmodel = _Forward(qmodel)          # which a bare Sequential would then call as a layer
     bn_folded = fold_batchnorm(qmodel)
+    float_biases = {name: p.detach().clone() for name, p in qmodel.named_parameters() if name.endswith("bias")}
 
     images = calib_images[:subset_size].detach().cpu()
     if len(images) == 0:
-        raise ValueError("quantize_ptq needs at least one calibration image")
+        raise ValueError("quantization needs at least one calibration image")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=batch_size, shuffle=False)
     n_batches = math.ceil(len(images) / batch_size)
     dataset = nncf.Dataset(loader, lambda batch: batch[0].float())
@@ -324,92 +367,257 @@ def quantize_ptq(model: nn.Module, calib_images: torch.Tensor, onnx_path: Path, 
     if finetune is not None:
         qat = finetune(qmodel)
         qmodel.cpu().eval()
-
-    dummy = torch.zeros(1, *input_shape)
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        # Same exporter and reasons as compress/stages/export.py (TorchScript tracer); NNCF's
-        # quantizers emit Q/DQ only under torch.jit tracing. Its tracer warnings are about
-        # quantizer levels read as Python numbers, which are constants by design.
-        warnings.filterwarnings("ignore", message=re.escape("You are using the legacy TorchScript-based ONNX export"))
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(qmodel, (dummy,), buf, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          opset_version=opset, do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
-    weights_folded = _fold_weight_quantize(proto)
-    onnx.checker.check_model(proto)
-
-    params = _qdq_params(proto)
-    bad = [p["name"] for p in params if p["zero_point"].dtype != np.int8 or np.any(p["zero_point"] != 0)]
-    if bad:  # never hand TensorRT a file it will reject; this is a bug in the steps above
-        raise RuntimeError(f"non-int8 or non-zero zero points in {len(bad)} Q/DQ nodes, e.g. {bad[:3]}")
-    data = proto.SerializeToString()
-    atomic_write_bytes(onnx_path, data)
-
-    ops = [n.op_type for n in proto.graph.node]
-    initializers = {init.name for init in proto.graph.initializer}
-    weight_dq = [p for p in params if p["op"] == "DequantizeLinear" and p["input"] in initializers]
-    return {
-        "onnx": str(onnx_path),
-        "onnx_bytes": len(data),
+    proto = onnx.load_from_string(_export_bytes(qmodel, input_shape, opset))
+    if finetune is None:  # after QAT the trained biases belong to the trained weights
+        _keep_uncorrected_biases(proto, float_biases)
+    return proto, {
+        "backend": "nncf",
         "opset": opset,
         "calibration_images": len(images),
         "calibration_batches": n_batches,
-        "quantize_linear": ops.count("QuantizeLinear"),
-        "dequantize_linear": ops.count("DequantizeLinear"),
-        "weight_dequantize_linear": len(weight_dq),
-        "weight_dequantize_per_channel": int(sum(np.asarray(p["scale"]).size > 1 for p in weight_dq)),
-        "int8_weight_initializers": weights_folded,
         "bn_folded": bn_folded,
         **counts,
         "calibration_seconds": round(calib_seconds, 3),
-        "seconds": round(time.perf_counter() - start, 3),
         "nncf_version": nncf.__version__,
         **({"qat": qat} if qat is not None else {}),
     }
 
 
+def _keep_uncorrected_biases(proto, float_biases: dict[str, torch.Tensor]) -> None:
+    """NNCF's fast bias correction moves each quantized layer's bias to cancel the mean error of its
+    INT8 output; for a layer the sensitivity sweep puts back in float that shift is an error, so the
+    bias from before NNCF rides along (see _sensitivity.FLOAT_BIAS_SUFFIX; `write_qdq` drops unused ones)."""
+    from onnx import numpy_helper
+
+    from compress.stages._sensitivity import FLOAT_BIAS_SUFFIX
+
+    extra = []
+    for init in proto.graph.initializer:
+        before = float_biases.get(init.name)
+        if before is not None and tuple(before.shape) == tuple(init.dims):
+            value = before.cpu().numpy().astype(numpy_helper.to_array(init).dtype)
+            if not np.array_equal(value, numpy_helper.to_array(init)):
+                extra.append(numpy_helper.from_array(value, init.name + FLOAT_BIAS_SUFFIX))
+    proto.graph.initializer.extend(extra)
+
+
+def quantize_ptq(model: nn.Module, calib_images: torch.Tensor, onnx_path: Path, input_shape: tuple[int, int, int], *,
+                 subset_size: int = 300, batch_size: int = 32, opset: int = 17,
+                 finetune: Callable[[nn.Module], dict] | None = None) -> dict:
+    """Calibrate an INT8 copy of `model` with NNCF on `calib_images` and write it as a QDQ ONNX file.
+
+    subset_size  -- calibration images used (the first `subset_size` of `calib_images`)
+    batch_size   -- images per calibration forward pass
+    finetune     -- quantization-aware training: called with the calibrated fake-quantized model
+                    (already on TensorRT's signed int8 grid) before export; returns its metrics
+    The caller's model is not modified. Returns facts about the result for the manifest.
+    """
+    start = time.perf_counter()
+    proto, info = nncf_qdq(model, calib_images, input_shape, subset_size=subset_size, batch_size=batch_size,
+                           opset=opset, finetune=finetune)
+    return {"onnx": str(onnx_path), **write_qdq(proto, onnx_path), **info,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+# ---------------------------------------------------------------------------- backend 2: ONNX Runtime
+
+# calibrate_method -> ONNX Runtime calibrator and its settings. Entropy gets TensorRT's histogram
+# (2048 bins searched for the best 128-level window, as in the GTC 2017 talk ORT cites): with
+# quantize_static's defaults (128 bins for 128 levels) the search has one candidate, the full range,
+# and "entropy" silently equals min-max. Ranges are symmetric because the activations are.
+CALIBRATORS = {
+    "minmax": ("MinMax", {"symmetric": True}),
+    "entropy": ("Entropy", {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128}),
+    "percentile": ("Percentile", {"symmetric": True, "num_bins": 2048, "percentile": 99.999}),
+}
+
+
+@contextlib.contextmanager
+def _quiet_ort():
+    """quantize_static logs a pre-processing hint on the root logger and the histogram calibrators print
+    their settings; the exporter already folded BatchNorm and constants, which that pre-processing adds."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def ort_qdq(fp32_onnx: bytes | str | os.PathLike, calib_images: torch.Tensor, *, subset_size: int = 300,
+            batch_size: int = 32, calibrate_method: str = "minmax") -> tuple[object, dict]:
+    """ONNX Runtime static quantization of an FP32 ONNX model into the same QDQ form as `nncf_qdq`.
+
+    Calibration runs through ORT's `create_calibrator` (settings in CALIBRATORS) and reaches
+    `quantize_static` as its calibration cache. `quantize_static(QuantFormat.QDQ, per_channel=True)`
+    then uses int8 weights and activations, and:
+      ActivationSymmetric, WeightSymmetric -- symmetric ranges, so every zero point is int8 0
+          (TensorRT's explicit quantization takes nothing else);
+      QuantizeBias=False -- biases stay float: ORT's default int32 bias DequantizeLinear is not an
+          input TensorRT's ONNX parser takes (onnxruntime issue 17738), and NNCF keeps them float too;
+      AddQDQPairToWeight -- weights stay float behind a Q/DQ pair until `write_qdq` folds them, so the
+          sensitivity sweep can put any layer back in float;
+      OpTypesToExcludeOutputQuantization=[Conv, Gemm, MatMul] -- Q/DQ on the inputs of the weighted
+          ops (and of Add, pooling), not on their raw outputs: a pre-ReLU tensor is not quantized twice
+          and the logits stay float, the placement NNCF uses and TensorRT fuses across.
+    """
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          create_calibrator, quantize_static, save_tensors_data)
+
+    start = time.perf_counter()
+    if not isinstance(fp32_onnx, (bytes, bytearray)):
+        fp32_onnx = Path(fp32_onnx).read_bytes()
+    model = onnx.load_from_string(bytes(fp32_onnx))
+    images = calib_images[:subset_size].detach().cpu().float()
+    if len(images) == 0:
+        raise ValueError("quantization needs at least one calibration image")
+    input_name = model.graph.input[0].name
+    batches = [images[i:i + batch_size].numpy() for i in range(0, len(images), batch_size)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(batches)
+
+        def get_next(self):
+            batch = next(self._batches, None)
+            return None if batch is None else {input_name: batch}
+
+    method_name, calib_options = CALIBRATORS[calibrate_method]
+    method = getattr(CalibrationMethod, method_name)
+    with tempfile.TemporaryDirectory(prefix="compress-ort-") as tmp, _quiet_ort():
+        tmp = Path(tmp)
+        (tmp / "fp32.onnx").write_bytes(bytes(fp32_onnx))
+        calibrator = create_calibrator(tmp / "fp32.onnx", augmented_model_path=str(tmp / "augmented.onnx"),
+                                       calibrate_method=method, extra_options=calib_options)
+        calibrator.collect_data(Reader())
+        save_tensors_data(calibrator.compute_data(), tmp / "ranges.json")
+        del calibrator
+        quantize_static(model, tmp / "int8.onnx", None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                        calibration_cache_path=tmp / "ranges.json",
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                       "AddQDQPairToWeight": True,
+                                       "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "MatMul"]})
+        proto = onnx.load(str(tmp / "int8.onnx"))
+    return proto, {
+        "backend": "onnxruntime",
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "calibrate_method": calibrate_method,
+        "calibration_images": len(images),
+        "calibration_batches": len(batches),
+        "calibration_seconds": round(time.perf_counter() - start, 3),
+        "onnxruntime_version": onnxruntime.__version__,
+    }
+
+
+def quantize_ort(fp32_onnx: bytes | str | os.PathLike, calib_images: torch.Tensor, onnx_path: Path, *,
+                 subset_size: int = 300, batch_size: int = 32, calibrate_method: str = "minmax") -> dict:
+    """`ort_qdq`, written as a QDQ ONNX file like `quantize_ptq`'s; returns facts for the manifest."""
+    start = time.perf_counter()
+    proto, info = ort_qdq(fp32_onnx, calib_images, subset_size=subset_size, batch_size=batch_size,
+                          calibrate_method=calibrate_method)
+    return {"onnx": str(onnx_path), **write_qdq(proto, onnx_path), **info,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
 # ----------------------------------------------------------------------------- stage
 
+
+def _batched(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    return lambda: ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size))
+
+
 def run(cfg, ctx):
-    """NNCF PTQ of the parent model, calibrated on training images (then, for `qat`, fine-tuned with KD
-    from the teacher on the fake-quantized grid), written as QDQ ONNX."""
-    from compress.context import Artifact
+    """INT8 of the parent model (NNCF, or ONNX Runtime on its FP32 ONNX) calibrated on a seeded train or val
+    subset; for `qat`, fine-tuned with KD on the fake-quantized grid; with `max_accuracy_drop`, the most
+    sensitive layers kept float until the val accuracy is close enough. Writes the QDQ ONNX and layers.md/json."""
+    from compress.context import Artifact, StageError
+    from compress.stages import _sensitivity as sens
 
-    parent = ctx.inputs[0]
-    model = ctx.load_model(parent).eval()
-    calib = ctx.data.calibration_images(cfg.calibration_size).cpu()
+    data, parent = ctx.data, ctx.inputs[0]
+    for needs_val, what in ((cfg.calibration_split == "val", "calibration_split: val"),
+                            (cfg.max_accuracy_drop is not None, "max_accuracy_drop (judged on val)")):
+        if needs_val and not data.num_val:
+            raise StageError(f"stage {ctx.stage_name!r}: {what} needs a validation split, but data.val_size is 0")
+    model = ctx.load_model(parent).eval().cpu()
+    calib = data.calibration_subset(cfg.calibration_split, cfg.calibration_size, cfg.calibration_seed).cpu()
     path = ctx.stage_dir / "model_int8.onnx"
-    finetune = None
-    if cfg.method == "qat":
-        from compress.losses import KDLoss
-        from compress.training import fit
+    start = time.perf_counter()
+    if cfg.backend == "onnxruntime":
+        fp32 = parent.path("onnx")  # the parent's exported FP32 model; exported here when there is none
+        source = fp32 if fp32 is not None and fp32.is_file() else _export_bytes(model, ctx.input_shape(), 17)
+        proto, info = ort_qdq(source, calib, subset_size=cfg.calibration_size, calibrate_method=cfg.calibrate_method)
+    else:
+        finetune = None
+        if cfg.method == "qat":
+            from compress.losses import KDLoss
+            from compress.training import fit
 
-        teachers = [ctx.load_model(a) for a in ctx.teachers]
+            teachers = [ctx.load_model(a) for a in ctx.teachers]
 
-        def finetune(qmodel: nn.Module) -> dict:
-            return fit(qmodel, ctx.data, cfg, cfg.epochs, device=ctx.device, teachers=teachers,
-                       kd_loss=KDLoss(cfg.temperature, cfg.alpha, cfg.label_smoothing), log=ctx.log,
-                       progress=ctx.progress, desc=f"{ctx.stage_name} (qat)")
+            def finetune(qmodel: nn.Module) -> dict:
+                return fit(qmodel, data, cfg, cfg.epochs, device=ctx.device, teachers=teachers,
+                           kd_loss=KDLoss(cfg.temperature, cfg.alpha, cfg.label_smoothing), log=ctx.log,
+                           progress=ctx.progress, desc=f"{ctx.stage_name} (qat)")
 
-    info = quantize_ptq(model, calib, path, ctx.input_shape(), subset_size=cfg.calibration_size, finetune=finetune)
-    # How far INT8 moved from the float model it came from, on validation images.
-    import onnxruntime as ort
+        proto, info = nncf_qdq(model, calib, ctx.input_shape(), subset_size=cfg.calibration_size, finetune=finetune)
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    agree = total = 0
-    for x, _ in ctx.data.eval_batches("val" if ctx.data.num_val else "train"):
-        x = x.cpu()
-        q = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].argmax(1)
-        with torch.no_grad():
-            agree += int((torch.from_numpy(q) == model(x).argmax(1)).sum())
-        total += x.shape[0]
-    info["top1_agreement_with_fp32"] = agree / max(total, 1)
-    ctx.log(f"[{ctx.stage_name}] INT8 QDQ ONNX: {info['quantize_linear']} Q / {info['dequantize_linear']} DQ nodes, "
-            f"{info['calibration_images']} calibration images, top-1 agreement with FP32 "
-            f"{info['top1_agreement_with_fp32'] * 100:.1f}%")
-    info.pop("onnx", None)
+    # Scored against the FP32 parent on val (train when there is no val split; then agreement only).
+    split = "val" if data.num_val else "train"
+    scorer = sens.Scorer(lambda: data.eval_batches(split), model)
+    sweep_scorer = scorer
+    if cfg.sensitivity_images is not None and cfg.sensitivity_images < scorer.n:
+        images, labels = data.images(split, cfg.sensitivity_images)
+        sweep_scorer = sens.Scorer(_batched(images, labels, data.eval_batch_size), model)
+    layers = sens.find_layers(proto)
+    decision = sens.accuracy_aware(proto, layers, scorer, sweep_scorer, max_drop=cfg.max_accuracy_drop,
+                                   always_sweep=cfg.sensitivity_sweep, log=lambda m: ctx.log(f"[{ctx.stage_name}] {m}"))
+    by_name = {layer.name: layer for layer in layers}
+    final = sens.keep_float(proto, [by_name[n] for n in decision["kept_float"]])
+    info = {**write_qdq(final, path), **info, "seconds": round(time.perf_counter() - start, 3)}
+
+    final_score = decision["final"]
+    summary = {"stage": ctx.stage_name, "backend": cfg.backend, "method": cfg.method,
+               "calibration_split": cfg.calibration_split, "calibration_seed": cfg.calibration_seed,
+               "calibration_images": info["calibration_images"], "eval_split": split, "images": scorer.n,
+               "fp32_accuracy": scorer.fp32_accuracy if split == "val" else None,
+               "int8_accuracy": decision["int8_accuracy"] if split == "val" else None,
+               "final_accuracy": final_score["accuracy"] if split == "val" else None,
+               "max_accuracy_drop": cfg.max_accuracy_drop, "target_met": decision["target_met"],
+               "kept_float": decision["kept_float"], "sweep_ran": decision["sensitivity"] is not None,
+               "sweep_reason": decision["sweep_reason"], "sweep_images": decision["sweep_images"],
+               "greedy": decision["greedy"]}
+    rows = sens.layer_rows(layers, decision)
+    layers_json, layers_md = sens.write_layer_report(ctx.stage_dir, summary, rows)
+
+    info.update({
+        "quantized_layers": len(layers),
+        "kept_float_layers": decision["kept_float"],
+        "val_accuracy_fp32": summary["fp32_accuracy"],
+        "val_accuracy_int8_all_layers": summary["int8_accuracy"],
+        "val_accuracy": summary["final_accuracy"],
+        "val_accuracy_drop": (None if split != "val" else round(scorer.fp32_accuracy - final_score["accuracy"], 4)),
+        "max_accuracy_drop": cfg.max_accuracy_drop,
+        "accuracy_target_met": decision["target_met"],
+        "sensitivity_sweep": summary["sweep_ran"],
+        "calibration_split": cfg.calibration_split,
+        "calibration_seed": cfg.calibration_seed,
+        "top1_agreement_with_fp32": final_score["agreement"],
+    })
+    if decision["target_met"] is False:
+        ctx.log(f"[{ctx.stage_name}] WARNING: max_accuracy_drop {cfg.max_accuracy_drop} was not reached even with "
+                f"{len(layers)} layers tried in float; shipping the best found ({final_score['accuracy']:.2f}% vs "
+                f"FP32 {scorer.fp32_accuracy:.2f}% on val, {len(decision['kept_float'])} layers float)")
+    acc = (f"val top-1 {final_score['accuracy']:.2f}% (FP32 {scorer.fp32_accuracy:.2f}%), " if split == "val" else "")
+    ctx.log(f"[{ctx.stage_name}] INT8 QDQ ONNX ({cfg.backend}): {info['quantize_linear']} Q / "
+            f"{info['dequantize_linear']} DQ nodes, {info['calibration_images']} {cfg.calibration_split} calibration "
+            f"images, {acc}top-1 agreement with FP32 {final_score['agreement'] * 100:.1f}%, "
+            f"{len(decision['kept_float'])} of {len(layers)} layers kept float")
     return Artifact(name=ctx.stage_name, stage="quantize", parent=parent.name, model=parent.model,
-                    files={"onnx_int8": str(path)}, params=parent.params, macs=parent.macs, precision="int8",
+                    files={"onnx_int8": str(path), "layers": str(layers_md), "layers_json": str(layers_json)},
+                    params=parent.params, macs=parent.macs, precision="int8",
                     metrics={**info, "teachers": parent.metrics.get("teachers", [])})
