@@ -296,6 +296,20 @@ class ReportConfig(Strict):
     dir: Path = Field(Path("reports"), description="reports go to <dir>/<pipeline name>/")
 
 
+class TrackingConfig(Strict):
+    """Experiment tracking after the report (compress.tracking); `tracking: mlflow` is short for {backend: mlflow}."""
+
+    backend: Literal["mlflow"] = Field("mlflow", description="needs pip install 'compress[tracking]'")
+    uri: str | None = Field(None, description="tracking URI, e.g. sqlite:///path/mlflow.db or http://host:5000 "
+                                              "(default: $MLFLOW_TRACKING_URI, else sqlite:///<--out>/mlflow.db)")
+    experiment: str | None = Field(None, min_length=1, description="experiment name (default: the pipeline name)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"backend": value} if isinstance(value, str) else value
+
+
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -306,6 +320,8 @@ class PipelineConfig(Strict):
     engine: EngineConfig = EngineConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     report: ReportConfig = ReportConfig()
+    tracking: TrackingConfig | None = Field(None, description="log params, metrics and the report to an "
+                                                              "experiment tracker, e.g. `tracking: mlflow`")
 
     @field_validator("stages")
     @classmethod

@@ -37,6 +37,7 @@ import torch
 
 import compress
 from compress import distributed
+from compress import tracking
 from compress.config import PipelineConfig
 from compress.context import Artifact, Context, seed_everything
 from compress.io import atomic_write_json, sha256_file
@@ -168,6 +169,8 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
     from compress.data import build_data
     from compress.stages import benchmark, engine, export, report
 
+    if cfg.tracking is not None:  # a run that could not be logged at the end fails now, before any stage
+        tracking.require(cfg.tracking, run_dir.parent)
     main = distributed.is_main()
     if cfg.benchmark.threads:
         torch.set_num_threads(cfg.benchmark.threads)
@@ -254,4 +257,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
     rows = benchmark.run(cfg.benchmark, ctx, engines)
     stage_times["benchmark"] = time.perf_counter() - t0
     stage_times["total"] = time.perf_counter() - started
-    return report.run(cfg, ctx, rows, stage_times=stage_times, pipeline_path=pipeline_path)
+    report_dir = report.run(cfg, ctx, rows, stage_times=stage_times, pipeline_path=pipeline_path)
+    if cfg.tracking is not None:  # after the report is on disk: a tracking failure is a warning, never a lost run
+        tracking.log_run(cfg.tracking, report_dir, run_dir.parent, log=log)
+    return report_dir
