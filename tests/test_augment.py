@@ -211,9 +211,18 @@ def test_ema_after_k_steps_is_the_hand_computed_average():
     for (name, b_ema), b in zip(ema.module.named_buffers(), model.buffers()):
         assert torch.equal(b_ema, b), name                          # BN statistics copied, not averaged
     assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    # integer parameters (NNCF keeps bit widths so) are copied like buffers
+    model.register_parameter("bits", nn.Parameter(torch.tensor([8], dtype=torch.int32), requires_grad=False))
+    ema = EMA(model, 0.8)
+    with torch.no_grad():
+        model.bits.fill_(4)
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    assert ema.module.bits.item() == 4
+    assert torch.allclose(ema.module[0].weight, model[0].weight - 0.1)    # first decay 0.1: 0.9 of the way
     fresh = EMA(model, 0.8)
     fresh.load_state_dict(ema.state_dict())
-    assert fresh.updates == 40 and same_weights(fresh.module, ema.module)
+    assert fresh.updates == 1 and same_weights(fresh.module, ema.module)
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +278,21 @@ def test_distilling_teachers_see_the_mixed_images(tiny_data):
     _, metrics = run_fit(tiny_data, epochs=1, model=student, teachers=[teacher], kd_loss=loss)
     assert torch.equal(seen["student"], seen["teacher"])
     assert math.isfinite(metrics["history"][0]["loss"])
+
+
+def test_qat_fine_tuning_with_ema_and_mixup(tiny_data):
+    pytest.importorskip("nncf")
+    from compress.losses import KDLoss
+    from compress.stages.quantize import nncf_qdq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    opts = OptimConfig(lr=0.002, schedule="cosine", ema_decay=0.9, mixup_alpha=0.2)
+    _, info = nncf_qdq(model, tiny_data.calibration_images(32), (1, 8, 8), subset_size=32, finetune=lambda q: fit(
+        q, tiny_data, opts, 1, device=CPU, teachers=[model], kd_loss=KDLoss(4.0, 0.9), progress=False,
+        log=lambda m: None))
+    assert info["qat"]["best_epoch"] == 1 and math.isfinite(info["qat"]["history"][0]["loss"])
 
 
 def test_stop_mid_epoch_then_resume_with_everything_on_is_bit_exact(tiny_data, tmp_path):
