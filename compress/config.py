@@ -76,6 +76,13 @@ class DataConfig(Strict):
     val_size: int = Field(5000, ge=0, description="images held out of train for validation (fixed seed)")
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
+    # Where the uint8 images live; neither changes a result (they are left out of cache keys).
+    placement: Literal["auto", "device", "host"] = Field(
+        "auto", description="device: the whole dataset is one tensor on the GPU, batches are gathered and augmented "
+                            "there; host: it stays in (pinned) host memory and DataLoader workers gather batches "
+                            "that are copied over asynchronously, then augmented on the GPU; auto: device when "
+                            "the images take under a quarter of the free GPU memory (always device on CPU)")
+    workers: int = Field(2, ge=0, description="placement host: DataLoader worker processes gathering batches")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -95,6 +102,8 @@ class OptimConfig(Strict):
                                                                  "classes; with mixup/cutmix, of the mixed target")
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported); ignored on CPU")
     batch_size: int | None = Field(None, ge=1, description="overrides data.batch_size for this stage")
+    compile: bool = Field(False, description="torch.compile the model being trained (faster steps on CUDA after "
+                                             "a compile of tens of seconds; needs a C++ compiler on CPU)")
     # Regularization (all off by default); the teachers of a distilling stage see the same mixed images.
     mixup_alpha: float = Field(0.0, ge=0, description="mixup: blend each batch with itself reversed by lam ~ "
                                                        "Beta(a, a), labels alike (0: off; 0.2 is usual)")
@@ -110,7 +119,7 @@ class OptimConfig(Strict):
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         return _omit_at_default(self, handler(self), ("mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob",
-                                                      "ema_decay"))
+                                                      "ema_decay", "compile"))
 
 
 # Distillation (distill stages, and the fine-tuning after prune). The loss is

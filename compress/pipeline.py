@@ -95,7 +95,7 @@ def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_finge
     stage = cfg.stages[name]
     payload = {
         "stage": stage.model_dump(mode="json", by_alias=True),
-        "data": cfg.data.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json", exclude={"placement", "workers"}),  # where, not what
         "data_fingerprint": data_fingerprint,
         "seed": cfg.seed,
         "export": cfg.export.model_dump(mode="json"),

@@ -320,6 +320,8 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
     net = model
     if ddp:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if opts.compile:  # the training forward only; evaluation and the saved weights use `model` itself
+        net = torch.compile(net)
 
     def fresh_sums(p: _Progress) -> None:
         for name, dtype in _DEVICE_FIELDS.items():

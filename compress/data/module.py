@@ -99,6 +99,29 @@ def _check(raw: RawData, cfg: DataConfig) -> None:
                         f"{len(raw.train_x)}; set data.val_size lower")
 
 
+def _placement(choice: str, device: torch.device, nbytes: int) -> str:
+    """Where the uint8 images go: the device itself, or host memory to be streamed (see DataConfig.placement)."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "device"  # host memory is the device's memory
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if nbytes < free / 4 else "host"
+
+
+class _Gather(torch.utils.data.Dataset):
+    """Item i is batch i: the uint8 images at a list of indices (one gather per batch, in a worker)."""
+
+    def __init__(self, x: Tensor, batches: list[Tensor]):
+        self.x, self.batches = x, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.x[self.batches[i]]
+
+
 class DataModule:
     """A dataset held on `device`, split into train / val / test, with batch iterators.
 
@@ -106,6 +129,11 @@ class DataModule:
     (per channel, on the [0, 1] scale, from the train split after the val hold-out), num_train,
     num_val, num_test, source, fingerprint (sha256 of the images and labels, for cache keys) and
     preprocess (what a deployed model must do to a uint8 image).
+
+    Where the uint8 images live is `placement` (DataConfig.placement): "device" (one tensor per
+    split on the device: a batch is one gather there) or "host" (host memory, pinned on CUDA;
+    DataLoader workers gather each batch and it is copied over asynchronously). Either way the
+    augmentation and normalization run batched on the device, and the batches are the same.
     """
 
     def __init__(self, raw: RawData, cfg: DataConfig, device: torch.device | str, seed: int):
@@ -127,9 +155,13 @@ class DataModule:
         arrays = {"train": (raw.train_x[train_idx], raw.train_y[train_idx]),
                   "val": (raw.train_x[val_idx], raw.train_y[val_idx]),
                   "test": (raw.test_x, raw.test_y)}
+        self.placement = _placement(cfg.placement, self.device, sum(x.nbytes for x, _ in arrays.values()))
+        self.workers = cfg.workers
+        store = self.device if self.placement == "device" else torch.device("cpu")
         # np.require copies read-only buffers (np.frombuffer) that torch would warn about
-        self._x = {s: torch.from_numpy(np.require(x, requirements="CW")).to(self.device)
-                   for s, (x, _) in arrays.items()}
+        self._x = {s: torch.from_numpy(np.require(x, requirements="CW")).to(store) for s, (x, _) in arrays.items()}
+        if store != self.device and self.device.type == "cuda":  # page-locked: copies overlap with compute
+            self._x = {s: x.pin_memory() for s, x in self._x.items()}
         self._y = {s: torch.from_numpy(y.astype(np.int64)).to(self.device) for s, (_, y) in arrays.items()}
 
         _, self.in_channels, h, w = self._x["train"].shape
@@ -207,9 +239,11 @@ class DataModule:
 
         steps = self.steps_per_epoch(batch_size)
         x, y = self._x["train"], self._y["train"]
-        for step, pos in enumerate(torch.arange(n, device=self.device).tensor_split(steps)):
+        positions = torch.arange(n, device=self.device).tensor_split(steps)
+        gathered = self._host_batches(x, [order[pos] for pos in positions]) if self.placement == "host" else None
+        for step, pos in enumerate(positions):
             idx = order[pos]
-            xb = x[idx]
+            xb = x[idx] if gathered is None else next(gathered).to(self.device, non_blocking=True)
             if pad or flip:
                 xb = random_crop_flip(xb, pad, offsets[0, pos], offsets[1, pos], flips[pos] if flip else None)
             if degrees is not None:
@@ -223,17 +257,26 @@ class DataModule:
                 xb = erase(xb, boxes[:, pos], erase_on[pos], value)
             yield xb, y[idx]
 
+    def _host_batches(self, x: Tensor, batches: list[Tensor]) -> Iterator[Tensor]:
+        """placement host: uint8 batches of `x` (host memory) gathered by DataLoader workers, pinned on CUDA."""
+        from torch.utils.data import DataLoader
+
+        batches = [b.cpu() for b in batches]
+        loader = DataLoader(_Gather(x, batches), batch_size=None, shuffle=False, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None)
+        return iter(loader)
+
     def eval_batches(self, split: str, batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """A split in its fixed order, normalized, without augmentation."""
         x, y = self._split(split)
         bs = batch_size or self.eval_batch_size
         for start in range(0, len(y), bs):
-            yield self.normalize(x[start:start + bs]), y[start:start + bs]
+            yield self.normalize(x[start:start + bs].to(self.device, non_blocking=True)), y[start:start + bs]
 
     def images(self, split: str, n: int) -> tuple[Tensor, Tensor]:
         """The first n (or all, if fewer) normalized images and labels of a split."""
         x, y = self._split(split)
-        return self.normalize(x[:n]), y[:n]
+        return self.normalize(x[:n].to(self.device)), y[:n]
 
     def calibration_images(self, n: int) -> Tensor:
         """n normalized train images (all of them, if fewer), the same subset in every run.
@@ -241,7 +284,8 @@ class DataModule:
         Drawn from train only: calibrating on val or test would leak them into the int8 model.
         """
         idx = torch.randperm(self.num_train, generator=seeded_generator(CALIBRATION_SEED))[:n]
-        return self.normalize(self._x["train"][idx.to(self.device)])
+        x = self._x["train"]
+        return self.normalize(x[idx.to(x.device)].to(self.device))
 
     def _split(self, split: str) -> tuple[Tensor, Tensor]:
         if split not in SPLITS:
@@ -257,4 +301,4 @@ class DataModule:
             raise ValueError(f"calibration images come from train or val, not {split!r}")
         x, _ = self._split(split)
         idx = torch.randperm(len(x), generator=seeded_generator(seed))[:n]
-        return self.normalize(x[idx.to(self.device)])
+        return self.normalize(x[idx.to(x.device)].to(self.device))
