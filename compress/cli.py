@@ -132,7 +132,7 @@ def run(
             no_progress = True
         with _sigterm_as_ctrl_c():
             report_dir = run_pipeline(cfg, pipeline_path=pipeline, runs_dir=out, force=tuple(force),
-                                      log=lambda m: console.print(m, markup=False, highlight=False),
+                                      log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
                                       progress=not no_progress and sys.stderr.isatty())
     except _user_errors() as exc:
         _fail(str(exc))
@@ -299,7 +299,7 @@ def deploy(
 
     try:
         bundle = make_bundle(source, artifact, target, out, precision=precision, runs=runs, reports=reports,
-                             force=force, log=lambda m: console.print(m, markup=False, highlight=False))
+                             force=force, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
     except (DeployError, *_user_errors()) as exc:
         _fail(str(exc))
     console.print(f"[bold green]bundle:[/] {bundle}")
