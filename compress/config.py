@@ -227,36 +227,89 @@ class DistillStage(OptimConfig, KDConfig):
         return self
 
 
+class SparsityConfig(Strict):
+    """Network slimming's sparsity training: an L1 penalty pulls BatchNorm scales towards zero before ranking."""
+
+    epochs: int = Field(1, ge=1, description="training epochs with the penalty (and the stage's loss) before pruning")
+    strength: float = Field(1e-4, gt=0, description="loss += strength * sum of |BN scale| over the model (the "
+                                                    "paper: 1e-4, 1e-5 for ResNets, over 160 epochs)")
+
+
+PRUNE_TARGETS = ("target_macs", "target_params", "target_latency_ms")
+
+
 class PruneStage(OptimConfig, KDConfig):
     type: Literal["prune"]
     from_: str = Field(alias="from")
+    # Exactly one target:
     target_macs: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the MACs")
     target_params: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the parameters")
-    importance: Literal["l1", "l2", "lamp", "fpgm", "random"] = "l1"
+    target_latency_ms: float | None = Field(None, gt=0, description="prune until the median latency on "
+                                                                    "latency_runtime is at most this many ms")
+    latency_runtime: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime", description="target_latency_ms: where latency is measured (onnxruntime: on the CPU, as "
+                                   "the benchmark does; torch: on the pipeline's device)")
+    latency_batch: int = Field(1, ge=1, description="target_latency_ms: the batch size it is measured at")
+    importance: Literal["l1", "l2", "lamp", "fpgm", "random", "taylor", "bn_scale"] = Field(
+        "l1", description="channel score: l1/l2 weight magnitude, lamp, fpgm (geometric median), random, taylor "
+                          "(|weight x gradient| of the stage's loss on training batches), bn_scale (|BN scale|, "
+                          "network slimming; see sparsity)")
+    taylor_batches: int = Field(4, ge=1, description="taylor: training batches whose loss gradients score the "
+                                                     "channels, before every round")
+    sparsity: SparsityConfig | None = Field(None, description="bn_scale: {epochs, strength} of L1-penalised "
+                                                              "training on BN scales before pruning")
     global_pruning: bool = Field(False, description="rank channels across layers instead of pruning each "
                                                     "layer by the same ratio")
     round_to: int = Field(8, ge=1, description="pruned channel counts stay multiples of this")
-    iterative_steps: int = Field(5, ge=1)
-    finetune_epochs: int = Field(1, ge=0)
+    iterative_steps: int = Field(5, ge=1, description="pruning rounds (budgets shrink geometrically); each ends "
+                                                      "with BN recalibration")
+    finetune_between_epochs: int = Field(0, ge=0, description="KD fine-tuning epochs after every round but the "
+                                                              "last, before the next ranking")
+    finetune_epochs: int = Field(1, ge=0, description="KD fine-tuning epochs after the last round")
     teacher: str | list[str] | None = Field(None, description="stage(s) to distill from while fine-tuning "
                                                            "(default: the teacher of the pruned model)")
     lr: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
     def _one_target(self):
-        if self.target_macs is not None and self.target_params is not None:
-            raise ValueError("give target_macs or target_params, not both")
-        if self.target_macs is None and self.target_params is None:
-            self.target_macs = 0.5
+        given = [t for t in PRUNE_TARGETS if getattr(self, t) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(PRUNE_TARGETS)}"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.target_latency_ms is None and {"latency_runtime", "latency_batch"} & self.model_fields_set:
+            raise ValueError("latency_runtime and latency_batch apply to target_latency_ms")
+        if "taylor_batches" in self.model_fields_set and self.importance != "taylor":
+            raise ValueError(f"taylor_batches applies to importance: taylor, but importance is {self.importance}")
+        if self.sparsity is not None and self.importance != "bn_scale":
+            raise ValueError(f"sparsity applies to importance: bn_scale, but importance is {self.importance}")
         return self
 
 
 class QuantizeStage(OptimConfig):
     type: Literal["quantize"]
     from_: str = Field(alias="from")
-    method: Literal["ptq", "qat"] = Field("ptq", description="ptq: NNCF post-training INT8; qat: PTQ, then "
+    method: Literal["ptq", "qat"] = Field("ptq", description="ptq: post-training INT8; qat: NNCF PTQ, then "
                                                             "quantization-aware fine-tuning with KD")
-    calibration_size: int = Field(512, ge=1, description="training images used to calibrate")
+    backend: Literal["nncf", "onnxruntime"] = Field("nncf", description=(
+        "nncf: NNCF on the PyTorch model; onnxruntime: ONNX Runtime static quantization of the parent's FP32 "
+        "ONNX. Both write QDQ ONNX with signed int8, zero points 0 and per-channel weights (TensorRT's format)"))
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="onnxruntime: how activation ranges come from the calibration images (NNCF uses "
+                              "min-max)")
+    calibration_size: int = Field(512, ge=1, description="images used to calibrate")
+    calibration_split: Literal["train", "val"] = Field(
+        "train", description="where calibration images come from; never test. val is allowed, but then "
+                             "max_accuracy_drop is judged partly on the images that calibrated")
+    calibration_seed: int = Field(1, description="picks the calibration subset (the same images in every run "
+                                                 "with the same seed; 1 is the dataset's historical subset)")
+    max_accuracy_drop: float | None = Field(None, ge=0, description=(
+        "accuracy-aware PTQ: if INT8 loses more than this many top-1 points against the FP32 parent on the val "
+        "split, sweep the layers' sensitivity and keep the most sensitive ones in float, greedily, until it "
+        "does not (none: keep every layer INT8)"))
+    sensitivity_images: int | None = Field(1000, ge=1, description="val images each layer of the sensitivity "
+                                                                   "sweep is scored on (none: the whole split)")
+    sensitivity_sweep: bool = Field(False, description="run the per-layer sweep even when max_accuracy_drop "
+                                                       "does not call for it (fills layers.md's sensitivity column)")
     # qat only: fine-tuning of the fake-quantized model (on TensorRT's int8 grid) against the teacher
     epochs: int = Field(1, ge=1, description="qat: fine-tuning epochs")
     lr: float = Field(0.002, gt=0)
@@ -266,6 +319,22 @@ class QuantizeStage(OptimConfig):
     alpha: float = Field(0.9, ge=0, le=1, description="qat: weight of KD; 1-alpha goes to cross-entropy")
     teacher: str | list[str] | None = Field(None, description="qat: stage(s) to distill from (default: the "
                                                            "teacher of the quantized model)")
+
+    @field_validator("calibration_split", mode="before")
+    @classmethod
+    def _never_test(cls, value):
+        if value == "test":
+            raise ValueError("the test split only scores models; calibrate on train or val")
+        return value
+
+    @model_validator(mode="after")
+    def _backend_options(self):
+        if self.method == "qat" and self.backend != "nncf":
+            raise ValueError("method: qat fine-tunes NNCF's fake-quantized PyTorch model; use backend: nncf")
+        if self.backend == "nncf" and self.calibrate_method != "minmax":
+            raise ValueError(f"calibrate_method: {self.calibrate_method} is an onnxruntime option; NNCF "
+                             f"calibrates with min-max")
+        return self
 
 
 Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QuantizeStage], Field(discriminator="type")]

@@ -282,6 +282,7 @@ def _stop_on_signals(enabled: bool):
 
 def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch.device,
         teachers: list[nn.Module] = (), kd_loss: Callable | None = None,
+        penalty: Callable[[nn.Module], torch.Tensor] | None = None,  # added to the loss (prune: L1 on BN scales)
         log: Callable[[str], None] = print, progress: bool = True, desc: str = "train",
         checkpoint: str | os.PathLike | None = None,       # resume from / save to this file (None: no resume)
         nonfinite_patience: int = NONFINITE_PATIENCE,      # non-finite losses in a row before a rollback
@@ -406,6 +407,8 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
                         loss = kd_loss(logits, [t.clone() for t in t_logits], y)
                     else:
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=opts.label_smoothing)
+                    if penalty is not None:
+                        loss = loss + penalty(model)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()

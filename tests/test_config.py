@@ -83,7 +83,7 @@ def test_malformed_yaml_and_wrong_top_level(tmp_path):
 
 
 def test_quantized_model_cannot_feed_training(tmp_path):
-    text = GOOD + "  again: {type: prune, from: mnv2-int8}\n"
+    text = GOOD + "  again: {type: prune, from: mnv2-int8, target_macs: 0.5}\n"
     text = text.replace("benchmark: {runtimes: [torch, onnxruntime, tensorrt], batch_sizes: [1, 64]}\n", "")
     assert "INT8 ONNX model" in error_of(tmp_path, text)
 
