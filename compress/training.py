@@ -1,11 +1,13 @@
 """The one training loop behind `train`, `distill` and the fine-tuning after `prune`.
 
-nanoGPT-style: one readable loop. The whole dataset sits on the device and arrives in
-augmented batches (compress.data); the loop adds the optimizer, the schedule, mixed
-precision on CUDA, distillation from frozen teachers, and keeps the weights of the epoch
-with the best validation accuracy. A step never waits for the host: running sums stay on
-the device, a NaN or inf loss is dropped by the fused optimizer reading a device flag, and
-the host looks at the device only when the progress bar refreshes (every REFRESH_EVERY steps).
+nanoGPT-style: one readable loop. Batches arrive augmented and normalized on the device
+(compress.data); the loop adds mixup/CutMix, the optimizer, the schedule, mixed precision
+and channels-last on CUDA, distillation from frozen teachers (under inference mode), an
+optional EMA of the weights and torch.compile, DDP under torchrun (compress.distributed),
+and keeps the weights (EMA ones, if on) of the epoch with the best validation accuracy.
+A step never waits for the host: running sums stay on the device, a NaN or inf loss is
+dropped by the fused optimizer reading a device flag, and the host looks at the device only
+when the progress bar refreshes (every REFRESH_EVERY steps).
 
 Nothing lost (nanoGPT's resume, made exact). With `checkpoint=`, every epoch ends with one
 self-describing file: model, optimizer, schedule, AMP scaler, the best weights so far, the
@@ -15,8 +17,8 @@ checkpoint and, on a CPU with the same seed, ends with the same weights bit for 
 SIGINT/SIGTERM finish the current step and checkpoint it before stopping (`Interrupted`).
 
 Nothing trusted blindly. A non-finite loss skips its optimizer step; `nonfinite_patience`
-of them in a row (noticed at the next refresh) roll training back to the last good state (the start of the epoch) with
-the learning rate halved; after `max_rollbacks` the stage fails (`StageError`). Non-finite
+of them in a row (noticed at the next refresh) roll training back to the last good state
+(the start of the epoch) with the learning rate halved; after `max_rollbacks` the stage fails (`StageError`). Non-finite
 weights are never checkpointed, kept as best, or saved.
 """
 
