@@ -93,3 +93,17 @@ def test_second_run_reuses_every_stage(smoke):
     assert "skipped" not in first.stderr.split("[engine]")[0]
     for stage in ("teacher", "student", "shuffle", "student-pruned", "student-int8", "shuffle-int8"):
         assert f"[{stage}] unchanged since the last run" in second.stderr
+
+
+@pytest.mark.slow
+def test_report_links_per_layer_tables_of_pruned_and_quantized_models(smoke):
+    tmp, _, _ = smoke
+    out = tmp / "reports/smoke"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["layer_tables"]) == {"student-pruned", "student-int8", "shuffle-int8"}
+    for name, rel in report["layer_tables"].items():
+        copied = (out / rel).read_text()
+        assert copied == (tmp / "runs/smoke" / name / "layers.md").read_text() and copied.count("|") > 10
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "- [student-pruned](layers/student-pruned.md)" in md
+    assert page.count("<details><summary>") == 3 and "<summary>student-int8</summary>" in page

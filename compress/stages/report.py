@@ -200,6 +200,9 @@ def render_markdown(report: dict) -> str:
     lines += ["## Accuracy vs latency", "", "![accuracy vs latency](pareto.png)", ""]
     lines += ["## Stages", ""] + table(*stages_table(report))
     lines += ["", _wall_line(report), ""]
+    if report.get("layer_tables"):
+        lines += ["## Per-layer tables", "", "Channels, MACs and sensitivity per layer of each pruned or quantized model:",
+                  ""] + [f"- [{name}]({path})" for name, path in report["layer_tables"].items()] + [""]
     lines += ["## Machine", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in machine.items() if k != "versions"]
     lines += [f"| {k} | {v} |" for k, v in machine.get("versions", {}).items()]
@@ -222,8 +225,11 @@ img { max-width: 100%; }
 """
 
 
-def render_html(report: dict, png: bytes | None = None) -> str:
-    """The report as one self-contained HTML file: inline CSS, the plot as a data URI, no external assets."""
+def render_html(report: dict, png: bytes | None = None, layer_texts: dict[str, str] | None = None) -> str:
+    """The report as one self-contained HTML file: inline CSS, the plot as a data URI, no external assets.
+
+    `layer_texts` (artifact name -> its per-layer Markdown table) are inlined as collapsed sections.
+    """
     esc = html.escape
     rows, machine = report["artifacts"], report["machine"]
 
@@ -257,6 +263,9 @@ def render_html(report: dict, png: bytes | None = None) -> str:
         parts += ["<h2>Accuracy vs latency</h2>",
                   f"<img alt='accuracy vs latency' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"]
     parts += ["<h2>Stages</h2>", table(*stages_table(report), numeric_from=3), f"<p>{esc(_wall_line(report))}</p>"]
+    if layer_texts:
+        parts += ["<h2>Per-layer tables</h2>"] + [f"<details><summary>{esc(name)}</summary><pre>{esc(text)}</pre></details>"
+                                                  for name, text in layer_texts.items()]
     facts = [[k, v] for k, v in machine.items() if k != "versions"] + list(machine.get("versions", {}).items())
     parts += ["<h2>Machine</h2>", table(["", ""], [[k, "-" if v is None else v] for k, v in facts])]
     parts += ["<h2>Pipeline</h2>", f"<pre>{esc(report['pipeline']['yaml'].rstrip())}</pre>", "</body></html>", ""]
@@ -288,9 +297,17 @@ def run(cfg, ctx, rows: list[dict], *, stage_times: dict, pipeline_path: Path) -
         "run_dir": str(ctx.run_dir),
         "data": ctx.data.summary() if ctx.data is not None else None,
     }
+    # Per-layer tables (prune, quantize) are copied next to the report, so it stays readable without runs/.
+    layer_texts = {}
+    for name, art in ctx.artifacts.items():
+        table_md = next((Path(f) for f in art.files.values() if Path(f).name == "layers.md"), None)
+        if table_md is not None and table_md.is_file():
+            layer_texts[name] = table_md.read_text()
+            atomic_write_text(out / "layers" / f"{name}.md", layer_texts[name])
+    report["layer_tables"] = {name: f"layers/{name}.md" for name in layer_texts}
     png = plot_pareto(rows, f"{cfg.name}: accuracy vs latency")
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "pareto.png", png)
     atomic_write_text(out / "report.md", render_markdown(report))
-    atomic_write_text(out / "report.html", render_html(report, png))
+    atomic_write_text(out / "report.html", render_html(report, png, layer_texts))
     return out
