@@ -404,8 +404,8 @@ def test_stage_writes_the_layer_report(stage_env, tmp_path):
     import json
 
     art = run_stage(stage_env, tmp_path, target_params=0.5, iterative_steps=1, finetune_epochs=0, round_to=4)
-    assert art.files["layers"] == str(tmp_path / "pruned" / "layers.json")
-    rows = json.loads(Path(art.files["layers"]).read_text())["layers"]
+    assert art.files["layers_json"] == str(tmp_path / "pruned" / "layers.json")
+    rows = json.loads(Path(art.files["layers_json"]).read_text())["layers"]
     model = load_model(art.files["model"])
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     assert [r["name"] for r in rows] == [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -415,7 +415,7 @@ def test_stage_writes_the_layer_report(stage_env, tmp_path):
             assert r["out_after"] == r["out_before"] or r["out_after"] % 4 == 0
     assert any(r["out_after"] < r["out_before"] for r in rows)
     assert sum(r["macs_after"] for r in rows) < sum(r["macs_before"] for r in rows)
-    table = Path(art.files["layers_md"]).read_text()
+    table = Path(art.files["layers"]).read_text()
     assert "| `stages.0.0.conv1` | Conv2d |" in table and table.count("\n| `") == len(rows)
     assert "layers" not in art.metrics["prune"]  # the table lives in its file, not in every manifest
 
@@ -479,3 +479,13 @@ def test_config_errors_are_one_line(tmp_path, fields, message):
     with pytest.raises(ConfigError) as info:
         _load_stage(tmp_path, fields)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_prune_criteria_pipeline_is_valid():
+    from compress.config import load
+
+    cfg = load(Path(__file__).parent.parent / "pipelines" / "prune-criteria.yaml")
+    prunes = {name: st for name, st in cfg.stages.items() if st.type == "prune"}
+    assert {st.importance for st in prunes.values()} >= {"l1", "taylor", "bn_scale"}
+    assert any(st.finetune_between_epochs for st in prunes.values())
+    assert any(st.target_latency_ms for st in prunes.values())

@@ -135,6 +135,7 @@ def latency_probe(runtime: str, input_shape: tuple[int, ...], *, batch: int = 1,
     """
     # The runners, the timer and the exporter are the other stages' own, so the number the
     # pruner aims at is the number the report will show.
+    from compress import distributed
     from compress.stages.benchmark import OrtRunner, TorchRunner, measure_latency
     from compress.stages.export import export_onnx
 
@@ -146,12 +147,15 @@ def latency_probe(runtime: str, input_shape: tuple[int, ...], *, batch: int = 1,
         was_training = model.training
         try:
             if runtime == "torch":
-                return measure_latency(TorchRunner(model, "fp32", device), x, warmup, iters)["p50"]
-            with tempfile.TemporaryDirectory() as tmp:
-                path = export_onnx(model, Path(tmp) / "model.onnx", tuple(input_shape))
-                return measure_latency(OrtRunner(path), x, warmup, iters)["p50"]
+                ms = measure_latency(TorchRunner(model, "fp32", device), x, warmup, iters)["p50"]
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = export_onnx(model, Path(tmp) / "model.onnx", tuple(input_shape))
+                    ms = measure_latency(OrtRunner(path), x, warmup, iters)["p50"]
         finally:
             model.train(was_training)
+        # Under torchrun every process prunes; rank 0's clock decides for all, so they prune alike.
+        return distributed.broadcast(ms)
 
     return measure
 
@@ -340,6 +344,7 @@ def _bn_scales(model: nn.Module) -> dict:
 
 def run(cfg, ctx):
     """Prune the parent to the stage's target, then fine-tune it with KD from its teacher."""
+    from compress import distributed
     from compress.context import StageError
     from compress.losses import build_loss
     from compress.training import evaluate, recalibrate_bn
@@ -406,8 +411,10 @@ def run(cfg, ctx):
         more = f" (latency on {where})" if target == "latency" else ""
         raise StageError(f"stage {ctx.stage_name!r}: {exc}{more}") from None
     layers = info.pop("layers")
-    report = write_layer_report(layers, ctx.stage_dir, f"{ctx.stage_name}: pruned layers ({cfg.importance}, "
-                                                        f"{info['macs_after'] / info['macs_before']:.0%} of the MACs)")
+    report = (ctx.stage_dir / "layers.json", ctx.stage_dir / "layers.md")
+    if distributed.is_main():  # under torchrun every process pruned alike; rank 0 writes
+        write_layer_report(layers, ctx.stage_dir, f"{ctx.stage_name}: pruned layers ({cfg.importance}, "
+                                                  f"{info['macs_after'] / info['macs_before']:.0%} of the MACs)")
     if target == "latency":
         info["latency"] = where
         ctx.log(f"[{ctx.stage_name}] latency {info['latency_ms_before']:.3f} -> {info['latency_ms_after']:.3f} ms "
@@ -421,5 +428,5 @@ def run(cfg, ctx):
         metrics = _train(cfg, ctx, model, teachers, cfg.finetune_epochs, "finetune")
     metrics.update(prune=info, teachers=[a.name for a in ctx.teachers])
     artifact = ctx.save_model(model, parent.model, "prune", metrics, parent=parent.name)
-    artifact.files["layers"], artifact.files["layers_md"] = str(report[0]), str(report[1])
+    artifact.files["layers"], artifact.files["layers_json"] = str(report[1]), str(report[0])  # as quantize names them
     return artifact
