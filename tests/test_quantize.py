@@ -403,9 +403,9 @@ def test_accuracy_aware_keeps_the_sensitive_layer_float(backend, trained, tmp_pa
             proto, _ = nncf_qdq(model, calib, shape)
         else:
             proto, _ = ort_qdq(_export_bytes(model, shape, 17), calib)
-        scorer = sens.Scorer(lambda: ((val[i:i + 64], labels[i:i + 64]) for i in range(0, 200, 64)), model)
+        scorer = sens.Scorer.of_model(lambda: ((val[i:i + 64], labels[i:i + 64]) for i in range(0, 200, 64)), model)
         layers = sens.find_layers(proto)
-        decision = sens.accuracy_aware(proto, layers, scorer, scorer, max_drop=1.0, log=lambda m: None)
+        decision = sens.accuracy_aware(proto, layers, scorer, max_drop=1.0, sweep_images=100, log=lambda m: None)
     assert scorer.fp32_accuracy >= 90
     assert decision["int8_accuracy"] < scorer.fp32_accuracy - 30  # the outlier wrecks plain INT8
     assert sens.rank(decision["sensitivity"])[0] == "/stem/stem.0/Conv"
@@ -420,7 +420,7 @@ def test_accuracy_aware_keeps_the_sensitive_layer_float(backend, trained, tmp_pa
                "fp32_accuracy": scorer.fp32_accuracy, "int8_accuracy": decision["int8_accuracy"],
                "final_accuracy": decision["final"]["accuracy"], "max_accuracy_drop": 1.0, "target_met": True,
                "kept_float": decision["kept_float"], "sweep_ran": True, "sweep_reason": decision["sweep_reason"],
-               "sweep_images": scorer.n, "greedy": decision["greedy"]}
+               "sweep_images": 100, "max_float_layers": decision["max_float_layers"], "greedy": decision["greedy"]}
     json_path, md_path = sens.write_layer_report(tmp_path, summary, rows)
     report = json.loads(json_path.read_text())
     assert [r["name"] for r in report["layers"]] == LAYERS
@@ -435,8 +435,8 @@ def test_no_sweep_without_a_reason(unfolded):
     _, proto = unfolded
     val, labels = synthetic(64, seed=4)
     layers = sens.find_layers(proto)
-    scorer = sens.Scorer(lambda: [(val, labels)], lambda x: torch.zeros(len(x), NUM_CLASSES))
-    decision = sens.accuracy_aware(proto, layers, scorer, scorer, max_drop=None, log=lambda m: None)
+    scorer = sens.Scorer.of_model(lambda: [(val, labels)], lambda x: torch.zeros(len(x), NUM_CLASSES))
+    decision = sens.accuracy_aware(proto, layers, scorer, max_drop=None, log=lambda m: None)
     assert decision["sensitivity"] is None and decision["kept_float"] == [] and decision["target_met"] is None
     assert decision["sweep_reason"] == "max_accuracy_drop not set"
     assert all(r["sensitivity"] is None and not r["kept_float"] for r in sens.layer_rows(layers, decision))
@@ -471,10 +471,33 @@ def test_greedy_unreachable_keeps_the_best_and_says_so():
     assert len(out["steps"]) == 4
 
 
+def test_greedy_stops_at_the_float_layer_cap():
+    table = {(): 70.0, ("a",): 75.0, ("a", "b"): 80.0, ("a", "b", "c"): 90.0}
+    calls = []
+    out = sens.choose_float(["a", "b", "c"], 90.0, 0.5, fake_accuracy(table, calls), max_layers=2)
+    assert not out["met"] and out["kept_float"] == ["a", "b"] and ("a", "b", "c") not in calls
+
+
 def test_rank_breaks_accuracy_ties_by_logit_error():
     table = {"a": {"gain": 0.0, "logit_mse": 0.5}, "b": {"gain": 0.2, "logit_mse": 0.9},
              "c": {"gain": 0.0, "logit_mse": 0.1}}
     assert sens.rank(table) == ["b", "c", "a"]
+
+
+def test_sweep_subset_is_where_int8_departs_from_fp32():
+    fp32 = np.array([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0], [0.0, 3.0], [3.0, 0.0]], np.float32)
+    int8 = fp32.copy()
+    int8[1] = [0.0, 2.0]     # same top-1, large logit error
+    int8[3] = [1.6, 1.5]     # top-1 changed, smaller error
+    int8[4] = [2.9, 0.0]     # tiny error
+    images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1)
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    scorer = sens.Scorer(lambda: [(images[:3], labels[:3]), (images[3:], labels[3:])], fp32, labels.numpy())
+    idx = sens.hardest(scorer, int8, 2)
+    assert list(idx) == [1, 3]  # the changed image, then the largest error
+    sub = scorer.subset(idx)
+    assert sub.n == 2 and list(sub.labels) == [1, 1] and np.array_equal(sub.fp32_logits, fp32[[1, 3]])
+    assert [float(v) for x, _ in sub.batches() for v in x.flatten()] == [1.0, 3.0]  # the images match too
 
 
 # ----------------------------------------------------------------------------- the stage, end to end

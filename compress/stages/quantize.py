@@ -527,10 +527,6 @@ def quantize_ort(fp32_onnx: bytes | str | os.PathLike, calib_images: torch.Tenso
 # ----------------------------------------------------------------------------- stage
 
 
-def _batched(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
-    return lambda: ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size))
-
-
 def run(cfg, ctx):
     """INT8 of the parent model (NNCF, or ONNX Runtime on its FP32 ONNX) calibrated on a seeded train or val
     subset; for `qat`, fine-tuned with KD on the fake-quantized grid; with `max_accuracy_drop`, the most
@@ -568,13 +564,10 @@ def run(cfg, ctx):
 
     # Scored against the FP32 parent on val (train when there is no val split; then agreement only).
     split = "val" if data.num_val else "train"
-    scorer = sens.Scorer(lambda: data.eval_batches(split), model)
-    sweep_scorer = scorer
-    if cfg.sensitivity_images is not None and cfg.sensitivity_images < scorer.n:
-        images, labels = data.images(split, cfg.sensitivity_images)
-        sweep_scorer = sens.Scorer(_batched(images, labels, data.eval_batch_size), model)
+    scorer = sens.Scorer.of_model(lambda: data.eval_batches(split), model)
     layers = sens.find_layers(proto)
-    decision = sens.accuracy_aware(proto, layers, scorer, sweep_scorer, max_drop=cfg.max_accuracy_drop,
+    decision = sens.accuracy_aware(proto, layers, scorer, max_drop=cfg.max_accuracy_drop,
+                                   sweep_images=cfg.sensitivity_images, max_float_fraction=cfg.max_float_fraction,
                                    always_sweep=cfg.sensitivity_sweep, log=lambda m: ctx.log(f"[{ctx.stage_name}] {m}"))
     by_name = {layer.name: layer for layer in layers}
     final = sens.keep_float(proto, [by_name[n] for n in decision["kept_float"]])
@@ -590,7 +583,7 @@ def run(cfg, ctx):
                "max_accuracy_drop": cfg.max_accuracy_drop, "target_met": decision["target_met"],
                "kept_float": decision["kept_float"], "sweep_ran": decision["sensitivity"] is not None,
                "sweep_reason": decision["sweep_reason"], "sweep_images": decision["sweep_images"],
-               "greedy": decision["greedy"]}
+               "max_float_layers": decision["max_float_layers"], "greedy": decision["greedy"]}
     rows = sens.layer_rows(layers, decision)
     layers_json, layers_md = sens.write_layer_report(ctx.stage_dir, summary, rows)
 
@@ -609,9 +602,10 @@ def run(cfg, ctx):
         "top1_agreement_with_fp32": final_score["agreement"],
     })
     if decision["target_met"] is False:
-        ctx.log(f"[{ctx.stage_name}] WARNING: max_accuracy_drop {cfg.max_accuracy_drop} was not reached even with "
-                f"{len(layers)} layers tried in float; shipping the best found ({final_score['accuracy']:.2f}% vs "
-                f"FP32 {scorer.fp32_accuracy:.2f}% on val, {len(decision['kept_float'])} layers float)")
+        ctx.log(f"[{ctx.stage_name}] WARNING: max_accuracy_drop {cfg.max_accuracy_drop} was not reached with up to "
+                f"{decision['max_float_layers']} of {len(layers)} layers in float; shipping the best found "
+                f"({final_score['accuracy']:.2f}% vs FP32 {scorer.fp32_accuracy:.2f}% on val, "
+                f"{len(decision['kept_float'])} layers float)")
     acc = (f"val top-1 {final_score['accuracy']:.2f}% (FP32 {scorer.fp32_accuracy:.2f}%), " if split == "val" else "")
     ctx.log(f"[{ctx.stage_name}] INT8 QDQ ONNX ({cfg.backend}): {info['quantize_linear']} Q / "
             f"{info['dequantize_linear']} DQ nodes, {info['calibration_images']} {cfg.calibration_split} calibration "
