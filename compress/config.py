@@ -306,8 +306,12 @@ class QuantizeStage(OptimConfig):
         "accuracy-aware PTQ: if INT8 loses more than this many top-1 points against the FP32 parent on the val "
         "split, sweep the layers' sensitivity and keep the most sensitive ones in float, greedily, until it "
         "does not (none: keep every layer INT8)"))
-    sensitivity_images: int | None = Field(1000, ge=1, description="val images each layer of the sensitivity "
-                                                                   "sweep is scored on (none: the whole split)")
+    max_float_fraction: float = Field(0.25, gt=0, le=1, description=(
+        "max_accuracy_drop: at most this fraction of the quantized layers may be kept float; when that is not "
+        "enough, the best set found ships and the target is reported as not met (1: no limit)"))
+    sensitivity_images: int | None = Field(1000, ge=1, description=(
+        "the sweep scores each layer on the val images where INT8 departs most from FP32 (changed top-1 "
+        "first, then logit error), this many of them (none: the whole split)"))
     sensitivity_sweep: bool = Field(False, description="run the per-layer sweep even when max_accuracy_drop "
                                                        "does not call for it (fills layers.md's sensitivity column)")
     # qat only: fine-tuning of the fake-quantized model (on TensorRT's int8 grid) against the teacher
