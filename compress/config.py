@@ -231,8 +231,8 @@ class SparsityConfig(Strict):
     """Network slimming's sparsity training: an L1 penalty pulls BatchNorm scales towards zero before ranking."""
 
     epochs: int = Field(1, ge=1, description="training epochs with the penalty (and the stage's loss) before pruning")
-    strength: float = Field(1e-4, gt=0, description="loss += strength * sum of |BN scale| over the model (the "
-                                                    "paper: 1e-4, 1e-5 for ResNets, over 160 epochs)")
+    strength: float = Field(1e-2, gt=0, description="loss += strength * sum of |BN scale| over the model (the "
+                                                    "paper's 1e-4 is for 160 epochs; for one or two, see README)")
 
 
 PRUNE_TARGETS = ("target_macs", "target_params", "target_latency_ms")

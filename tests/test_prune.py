@@ -460,7 +460,7 @@ def test_config_takes_every_criterion_and_schedule(tmp_path):
     assert (stage.target_latency_ms, stage.latency_runtime, stage.latency_batch) == (0.3, "torch", 1)
     assert (stage.importance, stage.finetune_between_epochs, stage.iterative_steps) == ("taylor", 1, 4)
     stage = _load_stage(tmp_path, "target_macs: 0.5, importance: bn_scale, sparsity: {epochs: 2}")
-    assert (stage.sparsity.epochs, stage.sparsity.strength) == (2, 1e-4)
+    assert (stage.sparsity.epochs, stage.sparsity.strength) == (2, 1e-2)
 
 
 @pytest.mark.parametrize("fields, message", [
