@@ -153,6 +153,13 @@ def test_bad_arguments_raise(kwargs, message):
         prune_model(_resnet8(), torch.randn(2, 1, 28, 28), **kwargs)
 
 
+def test_bn_scale_needs_batchnorm():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="has no BatchNorm layer"):
+        prune_model(model, torch.randn(2, 1, 12, 12), importance="bn_scale")
+
+
 def test_model_without_fc_keeps_its_classifier():
     class Net(nn.Module):
         def __init__(self):

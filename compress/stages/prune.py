@@ -100,6 +100,12 @@ def _classifier(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
     return last[-1]
 
 
+def _check_batchnorm(model: nn.Module) -> None:
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine for m in model.modules()):
+        raise ValueError("importance 'bn_scale' ranks channels by their BatchNorm scale, and the model has no "
+                         "BatchNorm layer with a scale; choose another importance")
+
+
 def bn_l1(model: nn.Module) -> torch.Tensor:
     """Sum of |scale| over every affine BatchNorm: network slimming's sparsity penalty (times a strength)."""
     scales = [m.weight.abs().sum() for m in model.modules()
@@ -201,6 +207,8 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, *,
     imp = _importance(importance)
     if importance == "taylor" and gradient_fn is None:
         raise ValueError("importance 'taylor' ranks channels by weight x gradient: give gradient_fn")
+    if importance == "bn_scale":
+        _check_batchnorm(model)
 
     was_training = model.training
     # Tracing and counting run forward passes: in train mode they would overwrite the BN statistics.
@@ -356,6 +364,11 @@ def run(cfg, ctx):
     batch_size = cfg.batch_size or ctx.data.batch_size
     info: dict = {}
 
+    if cfg.importance == "bn_scale":  # before a sparsity phase that would have nothing to push
+        try:
+            _check_batchnorm(model)
+        except ValueError as exc:
+            raise StageError(f"stage {ctx.stage_name!r}: {exc}") from None
     if cfg.sparsity is not None:  # network slimming: push the BN scales the network can spare towards 0
         strength = cfg.sparsity.strength
         scales = _bn_scales(model)
@@ -392,15 +405,14 @@ def run(cfg, ctx):
                     loss = F.cross_entropy(logits, y)
                 loss.backward()
 
+    latency_fn = None
     if cfg.target_latency_ms is not None:
         target, ratio = "latency", 1.0
         where = f"{cfg.latency_runtime}, batch {cfg.latency_batch}, median of {_LATENCY_ITERS} runs"
-    else:
-        target, ratio = ("macs", cfg.target_macs) if cfg.target_macs is not None else ("params", cfg.target_params)
-    latency_fn = None
-    if target == "latency":
         latency_fn = latency_probe(cfg.latency_runtime, ctx.input_shape(), batch=cfg.latency_batch,
                                    device=ctx.device if cfg.latency_runtime == "torch" else "cpu")
+    else:
+        target, ratio = ("macs", cfg.target_macs) if cfg.target_macs is not None else ("params", cfg.target_params)
     try:
         info.update(prune_model(
             model, torch.zeros(1, *ctx.input_shape(), device=ctx.device), target=target, ratio=ratio,
