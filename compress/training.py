@@ -79,9 +79,10 @@ def make_optimizer(model: nn.Module, opts: OptimConfig, extra: list[nn.Parameter
 
 def make_scheduler(optimizer, opts: OptimConfig, total_steps: int, steps_per_epoch: int):
     if opts.schedule == "onecycle":
-        # warmup_epochs sets the length of its rise from lr/10 (OneCycleLR divides by zero at exactly one step)
-        rise = opts.warmup_epochs * steps_per_epoch
-        pct = min(max(rise, 2.0), total_steps - 1.0) / total_steps if rise and total_steps > 2 else 0.25
+        # warmup_epochs sets the length of its rise from lr/10 (default: a quarter of the steps). OneCycleLR
+        # divides by zero when a phase is exactly one step long (e.g. 4 steps at 25%): keep each >= 2 steps.
+        rise = opts.warmup_epochs * steps_per_epoch or 0.25 * total_steps
+        pct = min(max(rise, 2.0), total_steps - 1.0) / total_steps if total_steps > 2 else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=opts.lr, total_steps=max(total_steps, 1),
                                                    pct_start=pct, div_factor=10.0, final_div_factor=100.0)
     warmup = int(opts.warmup_epochs * steps_per_epoch)

@@ -354,6 +354,15 @@ def test_warmup_sets_the_rise_of_onecycle():
         assert lrs[0] == pytest.approx(0.04)                             # starts at lr / 10, as without warm-up
 
 
+@pytest.mark.parametrize("total", range(1, 12))
+def test_onecycle_works_for_any_number_of_steps(total):
+    # torch's OneCycleLR divides by zero when a phase is one step long (4 steps at 25%, say)
+    lrs = learning_rates(OptimConfig(lr=0.4), total=total, per_epoch=2)
+    assert len(lrs) == total and all(0 < lr <= 0.4 + 1e-9 for lr in lrs)
+    if total > 2:
+        assert 0.35 < max(lrs) <= 0.4 and lrs[0] == pytest.approx(0.04)  # the peak may fall between steps
+
+
 # -------------------------------------------------------------------------------------- config
 
 PIPELINE = textwrap.dedent("""\
