@@ -370,8 +370,11 @@ def render_markdown(summary: dict, rows: list[dict]) -> str:
              f"| target met | {'-' if d['target_met'] is None else ('yes' if d['target_met'] else 'NO')} |", ""]
     if d["sweep_ran"]:
         lines += [f"Sensitivity sweep ({d['sweep_reason']}): each layer alone kept float, every other layer INT8, "
-                  f"scored on {d['sweep_images']} val images; *gain* is the accuracy that gives back. "
-                  f"Layers were floated in the order of the sweep's ranking.", ""]
+                  f"scored on the {d['sweep_images']} val images where INT8 departs most from FP32 (changed top-1 "
+                  f"first, then logit error), so accuracies in the table are on those hard images; *gain* is the "
+                  f"accuracy that layer gives back there. Layers were floated in the order of the gain (ties: "
+                  f"lower logit MSE first), at most {d.get('max_float_layers')} of them, each step scored on the "
+                  f"whole val split.", ""]
     else:
         lines += [f"No sensitivity sweep ran ({d['sweep_reason']}).", ""]
     lines += ["| # | layer | op | weight scale min / median / max | input scale | acc. with it float | gain (points) "
