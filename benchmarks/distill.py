@@ -34,7 +34,7 @@ from compress.data import LOADERS, DataModule  # noqa: E402
 from compress.io import atomic_write_json, atomic_write_text, load_model, save_model  # noqa: E402
 from compress.losses import build_loss  # noqa: E402
 from compress.registry import count_macs, count_params, create_model  # noqa: E402
-from compress.stages.benchmark import machine_info  # noqa: E402
+from compress.runtime import machine_info  # noqa: E402
 from compress.training import evaluate, fit  # noqa: E402
 
 METHODS = ["ce", "kd", "dkd", "dist", "logit_std", "fitnet", "at"]

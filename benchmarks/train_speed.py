@@ -43,7 +43,7 @@ from compress.data import LOADERS, DataModule  # noqa: E402
 from compress.io import atomic_write_json, atomic_write_text  # noqa: E402
 from compress.pipeline import resolve_device  # noqa: E402
 from compress.registry import create_model  # noqa: E402
-from compress.stages.benchmark import machine_info  # noqa: E402
+from compress.runtime import machine_info  # noqa: E402
 from compress.training import fit  # noqa: E402
 
 

@@ -11,7 +11,7 @@ numpy, Pillow and ONNX Runtime (or TensorRT, when an engine is there and it impo
             this GPU and TensorRT version exists; labels.txt, manifest.json, infer.py beside it
     jetson  model.onnx (FP32, or the INT8 Q/DQ model), model_fp16.onnx for FP16, and
             build_engine.sh: trtexec --stronglyTyped, the way TensorRT 10 (JetPack 6) builds an
-            engine whose precision the ONNX decides (see compress/stages/engine.py)
+            engine whose precision the ONNX decides (see compress/trt.py)
 
 An engine only runs on the GPU model and TensorRT version it was built with, so one is shipped
 only when its sidecar manifest matches the machine running `deploy`; otherwise the bundle
@@ -33,11 +33,11 @@ from typing import Callable
 
 import compress
 from compress.io import sha256_file
+from compress.onnx_export import INPUT_NAME, OUTPUT_NAME  # the exported graph's tensor names
 
 TARGETS = ("triton", "jetson", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8")
 FORMAT = "compress.deploy/1"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"   # what compress.stages.export names them
 
 
 class DeployError(ValueError):
@@ -142,7 +142,7 @@ def _preprocess(report: dict | None, manifest: dict) -> tuple[dict, str]:
 
 def engine_status(plan: Path) -> tuple[bool, str]:
     """Can this machine run this engine? (ok, reason) from its sidecar manifest, without loading it."""
-    from compress.stages.engine import _import_tensorrt, _this_machine, manifest_path, tensorrt_status
+    from compress.trt import _import_tensorrt, _this_machine, manifest_path, tensorrt_status
 
     sidecar = manifest_path(plan)
     if not sidecar.is_file():
@@ -476,7 +476,7 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         if plan is not None:
             ship(plan, model_dir / "model.plan")
         if target == "jetson" and deployed == "fp16":
-            from compress.stages.engine import fp16_onnx
+            from compress.trt import fp16_onnx
 
             try:
                 fp16 = fp16_onnx(onnx_path, model_dir / "model_fp16.onnx")

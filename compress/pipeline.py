@@ -86,7 +86,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def versions() -> dict:
-    from compress.stages.benchmark import machine_info
+    from compress.runtime import machine_info
 
     return {"compress": compress.__version__, **machine_info()["versions"]}
 

@@ -24,7 +24,6 @@ weights are never checkpointed, kept as best, or saved.
 
 from __future__ import annotations
 
-import copy
 import io
 import itertools
 import math

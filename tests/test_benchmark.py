@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress.stages.benchmark import OrtRunner, TorchRunner, evaluate, machine_info, make_runner, measure_latency
-from compress.stages.engine import EngineError, fp16_onnx, tensorrt_status
+from compress.runtime import OrtRunner, TorchRunner, evaluate, machine_info, make_runner, measure_latency
+from compress.trt import EngineError, fp16_onnx, tensorrt_status
 
 pytest.importorskip("onnxruntime")
 

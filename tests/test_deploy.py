@@ -6,14 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from compress import deploy as deploy_mod
 from compress.cli import app
-from compress.deploy import DeployError, deploy
+from compress.deploy import deploy
 from compress.io import sha256_file
 
 ROOT = Path(__file__).parents[1]

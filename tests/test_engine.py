@@ -15,8 +15,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compress.stages import engine
-from compress.stages.engine import EngineError, build_engine, fp16_onnx, tensorrt_status
+from compress import trt as engine
+from compress.trt import EngineError, build_engine, fp16_onnx, tensorrt_status
 
 ort = pytest.importorskip("onnxruntime")
 

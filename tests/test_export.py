@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.stages.export import check_parity, export_onnx, onnx_session
+from compress.onnx_export import check_parity, export_onnx, onnx_session
 
 INPUT_SHAPE = (3, 24, 24)
 NUM_CLASSES = 5

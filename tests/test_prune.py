@@ -188,7 +188,7 @@ SMALL_FAMILIES = ["resnet8", "resnet18", "mobilenetv2_x0_5", "mobilenetv3_small"
 @pytest.mark.parametrize("name", SMALL_FAMILIES)
 def test_criterion_on_every_family(name, criterion, tmp_path):
     """Prune with the criterion, then the result must run, train, save, reload and export exactly."""
-    from compress.stages.export import check_parity, export_onnx
+    from compress.onnx_export import check_parity, export_onnx
 
     torch.manual_seed(0)
     model = _like_trained(create_model(name, num_classes=10, in_channels=1))

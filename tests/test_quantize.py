@@ -20,8 +20,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from compress.stages import _sensitivity as sens
-from compress.stages.export import check_parity, export_onnx, onnx_session
-from compress.stages.quantize import (_export_bytes, fold_batchnorm, nncf_qdq, ort_qdq, qdq_zero_points,
+from compress.onnx_export import check_parity, export_bytes, export_onnx, onnx_session
+from compress.stages.quantize import (fold_batchnorm, nncf_qdq, ort_qdq, qdq_zero_points,
                                       quantize_ort, quantize_ptq, write_qdq)
 
 INPUT_SHAPE = (3, 24, 24)
@@ -317,7 +317,7 @@ def unfolded(request, trained):
         if request.param == "nncf":
             proto, _ = nncf_qdq(trained, calib, INPUT_SHAPE, subset_size=96)
         else:
-            proto, _ = ort_qdq(_export_bytes(trained, INPUT_SHAPE, 17), calib, subset_size=96)
+            proto, _ = ort_qdq(export_bytes(trained, INPUT_SHAPE, 17), calib, subset_size=96)
     return request.param, proto
 
 
@@ -402,7 +402,7 @@ def test_accuracy_aware_keeps_the_sensitive_layer_float(backend, trained, tmp_pa
         if backend == "nncf":
             proto, _ = nncf_qdq(model, calib, shape)
         else:
-            proto, _ = ort_qdq(_export_bytes(model, shape, 17), calib)
+            proto, _ = ort_qdq(export_bytes(model, shape, 17), calib)
         scorer = sens.Scorer.of_model(lambda: ((val[i:i + 64], labels[i:i + 64]) for i in range(0, 200, 64)), model)
         layers = sens.find_layers(proto)
         decision = sens.accuracy_aware(proto, layers, scorer, max_drop=1.0, sweep_images=100, log=lambda m: None)
@@ -595,7 +595,8 @@ def run_stage(env, name: str, parent: str = "plain", **fields):
     ("ort-ptq", {"backend": "onnxruntime", "calibration_size": 64, "calibrate_method": "percentile"}),
 ])
 def test_stage_writes_a_scored_tensorrt_int8_artifact(stage_env, name, fields):
-    from compress.stages.benchmark import _plans, evaluate, make_runner
+    from compress.runtime import evaluate, make_runner
+    from compress.stages.benchmark import _plans
 
     art, messages = run_stage(stage_env, name, **fields)
     data = stage_env["data"]

@@ -4,7 +4,6 @@ In-process and small (a 5k-parameter CNN on 8x8 synthetic images); the real-proc
 tests are in test_faults.py.
 """
 
-import io
 import os
 import random
 import signal

@@ -142,8 +142,8 @@ def latency_probe(runtime: str, input_shape: tuple[int, ...], *, batch: int = 1,
     # The runners, the timer and the exporter are the other stages' own, so the number the
     # pruner aims at is the number the report will show.
     from compress import distributed
-    from compress.stages.benchmark import OrtRunner, TorchRunner, measure_latency
-    from compress.stages.export import export_onnx
+    from compress.runtime import OrtRunner, TorchRunner, measure_latency
+    from compress.onnx_export import export_onnx
 
     if runtime not in ("onnxruntime", "torch"):
         raise ValueError(f"latency runtime must be 'onnxruntime' or 'torch', got {runtime!r}")

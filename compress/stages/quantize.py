@@ -41,10 +41,8 @@ import io
 import logging
 import math
 import os
-import re
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -53,9 +51,8 @@ import torch
 from torch import nn
 
 from compress.io import atomic_write_bytes
+from compress.onnx_export import export_bytes
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -273,20 +270,6 @@ def onnx_size_bytes(path: str | os.PathLike) -> int:
 # ---------------------------------------------------------------------------- writing the QDQ file
 
 
-def _export_bytes(model: nn.Module, input_shape: tuple[int, int, int], opset: int) -> bytes:
-    """The TorchScript tracer with compress/stages/export.py's settings (its docstring says why this
-    exporter); NNCF's quantizers emit Q/DQ only under torch.jit tracing. The tracer warnings are about
-    quantizer levels read as Python numbers, which are constants by design."""
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=re.escape("You are using the legacy TorchScript-based ONNX export"))
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(model, (torch.zeros(1, *input_shape),), buf, dynamo=False, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          opset_version=opset, do_constant_folding=True)
-    return buf.getvalue()
-
-
 def write_qdq(proto, onnx_path: str | os.PathLike) -> dict:
     """Fold weight QuantizeLinear nodes into int8 initializers, check the file is what TensorRT takes
     (every zero point int8 0), write it atomically; return facts about it. `proto` is modified."""
@@ -367,7 +350,7 @@ def nncf_qdq(model: nn.Module, calib_images: torch.Tensor, input_shape: tuple[in
     if finetune is not None:
         qat = finetune(qmodel)
         qmodel.cpu().eval()
-    proto = onnx.load_from_string(_export_bytes(qmodel, input_shape, opset))
+    proto = onnx.load_from_string(export_bytes(qmodel, input_shape, opset))
     if finetune is None:  # after QAT the trained biases belong to the trained weights
         _keep_uncorrected_biases(proto, float_biases)
     return proto, {
@@ -545,7 +528,7 @@ def run(cfg, ctx):
     start = time.perf_counter()
     if cfg.backend == "onnxruntime":
         fp32 = parent.path("onnx")  # the parent's exported FP32 model; exported here when there is none
-        source = fp32 if fp32 is not None and fp32.is_file() else _export_bytes(model, ctx.input_shape(), 17)
+        source = fp32 if fp32 is not None and fp32.is_file() else export_bytes(model, ctx.input_shape(), 17)
         proto, info = ort_qdq(source, calib, subset_size=cfg.calibration_size, calibrate_method=cfg.calibrate_method)
     else:
         finetune = None

@@ -273,7 +273,7 @@ def render_html(report: dict, png: bytes | None = None, layer_texts: dict[str, s
 
 
 def run(cfg, ctx, rows: list[dict], *, stage_times: dict, pipeline_path: Path) -> Path:
-    from compress.stages.benchmark import machine_info
+    from compress.runtime import machine_info
 
     out = Path(cfg.report.dir) / cfg.name
     stages = {}
