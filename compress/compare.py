@@ -247,7 +247,7 @@ def plot(cmp: Comparison, path: str | Path) -> Path:
 
     from compress.io import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=120)
     batch = cmp.batches[0] if cmp.batches else None
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = {"torch": "o", "onnxruntime": "s", "tensorrt": "^"}

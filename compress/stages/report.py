@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def plot_pareto(rows: list[dict], title: str) -> bytes:
 
     batch = _plot_batch(rows)
     ok = [r for r in _ok(rows) if batch in r["latency_ms"]]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=120)
     markers = {"torch": "o", "onnxruntime": "s", "tensorrt": "^"}
     points = [(r["latency_ms"][batch]["p50"], r["accuracy"]) for r in ok]
     front = pareto_front(points)
@@ -149,17 +150,19 @@ def plot_pareto(rows: list[dict], title: str) -> bytes:
 def finish_plot(fig, ax, xlabel: str, title: str) -> bytes:
     """Shared look of every accuracy-vs-latency plot (report and compare); returns the PNG bytes."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
     ax.set_xscale("log")
-    for axis in (ax.xaxis,):  # plain numbers (0.3, 2) instead of 3x10^-1 on the log axis
-        axis.set_major_formatter(FormatStrFormatter("%g"))
-        axis.set_minor_formatter(FormatStrFormatter("%g"))
+    # Plain numbers (0.3, 2) instead of 3x10^-1 on the log axis; between decades only 2, 3 and 5
+    # are labelled, so the labels never run into each other.
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)  # outside: no point hidden
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
