@@ -94,6 +94,19 @@ def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, int, int],
     return atomic_write_bytes(path, data)
 
 
+def constant_values(graph) -> dict:
+    """Every constant tensor of an ONNX graph by name: its initializers and Constant nodes' values."""
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An ONNX Runtime CPU session with all graph optimisations on.
 

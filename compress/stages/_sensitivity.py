@@ -37,6 +37,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from compress.onnx_export import constant_values
+
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops that only move or reshape values: an activation's Q/DQ pair may sit before one of these.
 PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
@@ -71,18 +73,6 @@ class QuantizedLayer:
     bias: Edge | None = None        # the uncorrected bias to use when this layer is float
 
 
-def _constants(graph) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
 def _trace(graph, node_idx: int, index: int, producers: dict, consumers: dict, consts: dict) -> Edge | None:
     """Follow input `index` of a node back to a DequantizeLinear fed by a QuantizeLinear."""
     while True:
@@ -113,7 +103,7 @@ def find_layers(proto) -> list[QuantizedLayer]:
             consumers[inp] = consumers.get(inp, 0) + 1
     for out in graph.output:
         consumers[out.name] = consumers.get(out.name, 0) + 1
-    consts = _constants(graph)
+    consts = constant_values(graph)
     initializers = {init.name for init in graph.initializer}
     layers = []
     for i, node in enumerate(graph.node):

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from compress.io import atomic_write_bytes
-from compress.onnx_export import export_bytes
+from compress.onnx_export import constant_values, export_bytes
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -171,18 +171,6 @@ def _prepare_for_trt(qmodel: nn.Module) -> dict:
 # ---------------------------------------------------------------------------- ONNX helpers
 
 
-def _constant_values(graph) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
 def _axis(node) -> int:
     for attr in node.attribute:
         if attr.name == "axis":
@@ -199,7 +187,7 @@ def _fold_weight_quantize(proto) -> int:
     from onnx import numpy_helper
 
     graph = proto.graph
-    consts = _constant_values(graph)
+    consts = constant_values(graph)
     initializers = {init.name for init in graph.initializer}
     folded_names, new_inits, dead = {}, [], []
     for node in graph.node:
@@ -243,7 +231,7 @@ def _drop_unused(graph) -> None:
 
 def _qdq_params(proto) -> list[dict]:
     """One entry per Q/DQ node: op, name, axis, scale and zero point (arrays) and the zp dtype."""
-    consts = _constant_values(proto.graph)
+    consts = constant_values(proto.graph)
     out = []
     for node in proto.graph.node:
         if node.op_type not in _QDQ_OPS:
