@@ -198,11 +198,12 @@ def validate(
     for name in cfg.order():
         stage = cfg.stages[name]
         src = cfg.inputs(name)
-        what = {"prune": lambda: f"keep {stage.target_macs or stage.target_params:g} of "
-                                 f"{'MACs' if stage.target_macs else 'params'}" if stage.target_latency_ms is None
-                else f"under {stage.target_latency_ms:g} ms ({stage.latency_runtime})",
-                "quantize": lambda: f"{stage.method} int8"}.get(stage.type, lambda: stage.model)()
-        typer.echo(f"  {name:<20} {stage.type:<9} {what:<22} {('<- ' + ', '.join(src)) if src else ''}")
+        what = {"prune": lambda: (f"keep {stage.target_macs or stage.target_params:g} of "
+                                  f"{'MACs' if stage.target_macs else 'params'}" if stage.target_latency_ms is None
+                                  else f"under {stage.target_latency_ms:g} ms ({stage.latency_runtime})")
+                + f", {stage.importance}",
+                "quantize": lambda: f"{stage.method} int8 ({stage.backend})"}.get(stage.type, lambda: stage.model)()
+        typer.echo(f"  {name:<20} {stage.type:<9} {what:<28} {('<- ' + ', '.join(src)) if src else ''}")
 
 
 @app.command()
