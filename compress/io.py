@@ -81,12 +81,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+_SHA256: dict[tuple, str] = {}   # (device, inode, size, mtime_ns) -> digest: files already read this process
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """The file's sha256. A run asks for the same files' hashes many times (cache keys, manifests,
+    cache checks); a file is read again only when its inode, size or mtime changed (our writes are
+    atomic renames, so a rewritten file is a new inode)."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if (digest := _SHA256.get(key)) is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        digest = _SHA256[key] = h.hexdigest()
+    return digest
 
 
 def _layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -324,3 +324,19 @@ def test_divergence_is_one_line_exit_1_and_leaves_no_model(tmp_path):
     assert "Traceback" not in result.output
     assert not (tmp_path / "runs/cache/teacher/model.pt").exists()
     assert not (tmp_path / "reports").exists()
+
+
+def test_file_hashes_are_reused_only_while_the_file_is_unchanged(tmp_path):
+    import hashlib
+
+    from compress.io import sha256_file
+
+    f = tmp_path / "model.pt"
+    f.write_bytes(b"a" * 100)
+    assert sha256_file(f) == hashlib.sha256(b"a" * 100).hexdigest()
+    with open(f, "r+b") as handle:  # same inode, same size: only the mtime tells
+        handle.write(b"b")
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))
+    assert sha256_file(f) == hashlib.sha256(b"b" + b"a" * 99).hexdigest()
+    f.write_bytes(b"a" * 99)  # truncated
+    assert sha256_file(f) == hashlib.sha256(b"a" * 99).hexdigest()
