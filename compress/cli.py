@@ -127,7 +127,7 @@ def run(
             args = ["run", str(pipeline), "--out", str(out), *(a for v in set_ for a in ("--set", v)),
                     *(["--reports", str(reports)] if reports else []), *(a for f in force for a in ("--force", f)),
                     *(["--no-progress"] if no_progress else [])]
-            raise typer.Exit(_torchrun(nproc, args))
+            raise typer.Exit(distributed.launch(nproc, args))
         if not distributed.is_main_process():  # under torchrun: rank 0 talks, the others work quietly
             no_progress = True
         with _sigterm_as_ctrl_c():
@@ -150,33 +150,6 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
     if report_dir is not None:  # None: a worker process other than rank 0
         console.print(f"[bold green]report:[/] {report_dir / 'report.md'}")
-
-
-def _torchrun(nproc: int, args: list[str]) -> int:
-    """Run `compress ARGS` in `nproc` processes the way torchrun does; 0, or the first failed worker's exit code.
-
-    The workers inherit this terminal (progress bars and the one-line errors are theirs); a
-    failed worker makes the launcher stop the others.
-    """
-    import logging
-    import os
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5)
-    os.environ["OMP_NUM_THREADS"] = threads  # torchrun's default is 1; share the cores out instead
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "compress", *args)
-    except ChildFailedError as exc:
-        first = exc.get_first_failure()[1]
-        return first.exitcode if first.exitcode and first.exitcode > 0 else 1
-    return 0
 
 
 @app.command()

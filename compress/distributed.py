@@ -23,6 +23,33 @@ import torch.distributed as dist
 _training = False   # True inside `training_stage()`: fit() may wrap the model in DDP
 
 
+def launch(nproc: int, args: list[str]) -> int:
+    """Run `compress ARGS` in `nproc` processes the way torchrun does; 0, or the first failed worker's exit code.
+
+    The workers inherit this terminal (progress bars and the one-line errors are theirs); a
+    failed worker makes the launcher stop the others.
+    """
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.5)
+    os.environ["OMP_NUM_THREADS"] = threads  # torchrun's default is 1; share the cores out instead
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "compress", *args)
+    except ChildFailedError as exc:
+        first = exc.get_first_failure()[1]
+        return first.exitcode if first.exitcode and first.exitcode > 0 else 1
+    return 0
+
+
 def launched() -> bool:
     """Was this process started by torchrun with more than one process?"""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
