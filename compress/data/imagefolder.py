@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -104,7 +105,24 @@ def _read_all(items: list[tuple[Path, int]], channels: int, size: tuple[int, int
     return x, np.array([label for _, label in items], dtype=np.int64)
 
 
-def load(cfg: DataConfig, log: Callable[[str], None]) -> RawData:
+@dataclass
+class Plan:
+    """What an image folder decodes to, found from the listing and the image headers alone."""
+
+    root: Path
+    classes: list[str]
+    train: list[tuple[Path, int]]          # (path, label)
+    test: list[tuple[Path, int]] | None    # None: no test/ folder, a share of train is held out
+    channels: int
+    size: tuple[int, int]                  # (width, height) of every decoded image
+
+    def read(self, items: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Decode `items` (any subset of train or test): uint8 (N, C, H, W) images and int64 labels."""
+        return _read_all(items, self.channels, self.size)
+
+
+def listing(cfg: DataConfig) -> tuple[Path, list[str], list[tuple[Path, int]], list[tuple[Path, int]] | None]:
+    """(root, classes, train items, test items or None), from the folder listing only (no image is opened)."""
     if cfg.root is None:
         raise DataError("data.root is required for the imagefolder dataset (root/train/<class>/*.png)")
     root = Path(cfg.root).expanduser()
@@ -114,7 +132,12 @@ def load(cfg: DataConfig, log: Callable[[str], None]) -> RawData:
         raise DataError(f"{root}: no train/ folder (expected {root}/train/<class>/*.png)")
     classes, train = list_images(root / "train")
     test = list_images(root / "test", classes)[1] if (root / "test").is_dir() else None
+    return root, classes, train, test
 
+
+def plan(cfg: DataConfig, log: Callable[[str], None]) -> Plan:
+    """List the folder and read every image header: the classes, the items and the decoded shape."""
+    root, classes, train, test = listing(cfg)
     everything = train + (test or [])
     probes = [_probe(p) for p, _ in everything]
     counts = Counter(c for c, _ in probes)
@@ -129,15 +152,24 @@ def load(cfg: DataConfig, log: Callable[[str], None]) -> RawData:
             if other != size:
                 raise DataError(f"{path}: image is {other[0]}x{other[1]}, but {everything[0][0]} is "
                                 f"{size[0]}x{size[1]}; set data.image_size to resize them all")
+    if test is None and len(train) < 2:
+        raise DataError(f"{root}/train: one image is not enough to hold out a test split")
+    return Plan(root, classes, train, test, channels, size)
 
-    train_x, train_y = _read_all(train, channels, size)
+
+def test_holdout(n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Without test/: (kept, held) indices of the n train images, and the note for the source line."""
+    keep, held = split_indices(n, max(1, round(TEST_FRACTION * n)), SPLIT_SEED)
+    return keep, held, f" (no test/: {len(held)} images of train/ held out as test, seed {SPLIT_SEED})"
+
+
+def load(cfg: DataConfig, log: Callable[[str], None]) -> RawData:
+    p = plan(cfg, log)
+    train_x, train_y = p.read(p.train)
     note = ""
-    if test is not None:
-        test_x, test_y = _read_all(test, channels, size)
+    if p.test is not None:
+        test_x, test_y = p.read(p.test)
     else:
-        if len(train) < 2:
-            raise DataError(f"{root}/train: one image is not enough to hold out a test split")
-        keep, held = split_indices(len(train), max(1, round(TEST_FRACTION * len(train))), SPLIT_SEED)
+        keep, held, note = test_holdout(len(p.train))
         train_x, train_y, test_x, test_y = train_x[keep], train_y[keep], train_x[held], train_y[held]
-        note = f" (no test/: {len(held)} images of train/ held out as test, seed {SPLIT_SEED})"
-    return RawData("imagefolder", classes, train_x, train_y, test_x, test_y, source=f"{root}{note}")
+    return RawData("imagefolder", p.classes, train_x, train_y, test_x, test_y, source=f"{p.root}{note}")
