@@ -9,8 +9,9 @@ quantize chain. `load(path, overrides)` returns a validated `PipelineConfig` or 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Callable, Literal, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
@@ -341,7 +342,49 @@ class QuantizeStage(OptimConfig):
         return self
 
 
-Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QuantizeStage], Field(discriminator="type")]
+# ----------------------------------------------------------------------------- the stage table
+
+def _describe_prune(s: PruneStage) -> str:
+    target = (f"keep {s.target_macs or s.target_params:g} of {'MACs' if s.target_macs else 'params'}"
+              if s.target_latency_ms is None else f"under {s.target_latency_ms:g} ms ({s.latency_runtime})")
+    return f"{target}, {s.importance}"
+
+
+@dataclass(frozen=True)
+class StageType:
+    """One row of STAGE_TYPES: a stage type's schema and what the pipeline and the validator know of it.
+
+    A new stage type is one row in STAGE_TYPES, plus its config class (with `type: Literal["<name>"]`)
+    and its adapter `compress/stages/<name>.py` with `run(cfg, ctx) -> Artifact`; the config union, the
+    "expected one of" messages, the graph checks, torchrun and `compress validate` read the table.
+    """
+
+    config: type[BaseModel]              # the schema; its `type` Literal is the stage type's name
+    needs_from: bool = True              # `from:` is required (train builds its model from the registry)
+    torch_model: bool = True             # its artifact holds a PyTorch model later stages can train on
+    data_parallel: bool = False          # trained by every process under torchrun; otherwise rank 0 runs it
+    # Who teaches it: "inputs" (its `from:`), "lineage" (`teacher:`, else its parent's teacher), or "none".
+    teachers: Callable[[Any], str] = lambda cfg: "none"
+    describe: Callable[[Any], str] = lambda cfg: cfg.model  # one cell of `compress validate`'s table
+
+    @property
+    def name(self) -> str:
+        return get_args(self.config.model_fields["type"].annotation)[0]
+
+    @property
+    def module(self) -> str:
+        return f"compress.stages.{self.name}"
+
+
+STAGE_TYPES: dict[str, StageType] = {row.name: row for row in (
+    StageType(TrainStage, needs_from=False, data_parallel=True),
+    StageType(DistillStage, data_parallel=True, teachers=lambda cfg: "inputs"),
+    StageType(PruneStage, data_parallel=True, teachers=lambda cfg: "lineage", describe=_describe_prune),
+    StageType(QuantizeStage, torch_model=False, teachers=lambda cfg: "lineage" if cfg.method == "qat" else "none",
+              describe=lambda cfg: f"{cfg.method} int8 ({cfg.backend})"),
+)}
+
+Stage = Annotated[Union[tuple(row.config for row in STAGE_TYPES.values())], Field(discriminator="type")]
 
 
 # ----------------------------------------------------------------------------- the rest
@@ -381,7 +424,7 @@ class ReportConfig(Strict):
 class TrackingConfig(Strict):
     """Experiment tracking after the report (compress.tracking); `tracking: mlflow` is short for {backend: mlflow}."""
 
-    backend: Literal["mlflow"] = Field("mlflow", description="needs pip install 'compress[tracking]'")
+    backend: Literal["mlflow"] = Field("mlflow", description="needs the tracking extra: pip install -e '.[tracking]' in the checkout")
     uri: str | None = Field(None, description="tracking URI, e.g. sqlite:///path/mlflow.db or http://host:5000 "
                                               "(default: $MLFLOW_TRACKING_URI, else sqlite:///<--out>/mlflow.db)")
     experiment: str | None = Field(None, min_length=1, description="experiment name (default: the pipeline name)")
@@ -471,14 +514,13 @@ def _key_node(node: yaml.Node | None, loc: tuple) -> yaml.Node | None:
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the last key of `loc` (to suggest the closest valid key)."""
     model: Any = PipelineConfig
-    stage_types = {"train": TrainStage, "distill": DistillStage, "prune": PruneStage, "quantize": QuantizeStage}
     i = 0
     while i < len(loc) - 1:
         key = loc[i]
         if model is PipelineConfig and key == "stages":
             # loc: stages, <name>, <type tag>, field...
-            if i + 2 < len(loc) and loc[i + 2] in stage_types:
-                model, i = stage_types[loc[i + 2]], i + 3
+            if i + 2 < len(loc) and loc[i + 2] in STAGE_TYPES:
+                model, i = STAGE_TYPES[loc[i + 2]].config, i + 3
                 continue
             return None
         field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
@@ -493,7 +535,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def _clean_loc(loc: tuple) -> tuple:
     # pydantic puts the union tag into the path (stages.mnv2.distill.epochs); users wrote stages.mnv2.epochs.
-    if len(loc) >= 3 and loc[0] == "stages" and loc[2] in ("train", "distill", "prune", "quantize"):
+    if len(loc) >= 3 and loc[0] == "stages" and loc[2] in STAGE_TYPES:
         loc = loc[:2] + loc[3:]
     return tuple(x for x in loc if not (isinstance(x, str) and x.startswith("function-")))
 
@@ -512,9 +554,9 @@ def _describe(err: dict, loc: tuple) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "union_tag_invalid":
-        return f"unknown stage type {given.get('type')!r}; expected one of: train, distill, prune, quantize"
+        return f"unknown stage type {given.get('type')!r}; expected one of: {', '.join(STAGE_TYPES)}"
     if kind == "union_tag_not_found":
-        return "stage has no 'type'; expected one of: train, distill, prune, quantize"
+        return f"stage has no 'type'; expected one of: {', '.join(STAGE_TYPES)}"
     if kind == "literal_error":
         return f"{msg.replace('Input should be', 'expected')}, got {given!r}"
     msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
@@ -548,21 +590,21 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    from compress.io import MAX_YAML_BYTES, FileReadError, YAMLInputError, load_yaml, read_regular_file
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # a regular file of bounded size (a FIFO or device is refused, never waited on)
+        text = read_regular_file(path, MAX_YAML_BYTES, "pipeline file").decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such pipeline file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    except FileReadError as exc:
+        raise ConfigError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a pipeline file is YAML text") from None
+    try:  # duplicate keys, recursive aliases and alias bombs are refused before anything is built
+        data, root = load_yaml(text)
+    except YAMLInputError as exc:
+        raise ConfigError(f"{path}:{exc.line}: {exc}" if exc.line else f"{path}: {exc}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty; expected a mapping with 'name' and 'stages'")
     if not isinstance(data, dict):
@@ -597,7 +639,6 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
 
 def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> None:
     names = list(cfg.stages)
-    needs_input = {"distill", "prune", "quantize"}
     for name, stage in cfg.stages.items():
         for key, deps in (("from", cfg.inputs(name)), ("teacher", cfg.extra_inputs(name))):
             for dep in deps:
@@ -610,11 +651,11 @@ def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> 
                 if dep == name:
                     raise ConfigError(f"{_where(path, root, ('stages', name, key), overridden)}: "
                                       f"stages.{name}.{key}: a stage cannot take its own output")
-                if cfg.stages[dep].type == "quantize":
+                if not STAGE_TYPES[cfg.stages[dep].type].torch_model:
                     raise ConfigError(f"{_where(path, root, ('stages', name, key), overridden)}: "
                                       f"stages.{name}.{key}: {dep!r} is an INT8 ONNX model; train, distill "
                                       f"and prune need a PyTorch model")
-        if stage.type in needs_input and not cfg.inputs(name):
+        if STAGE_TYPES[stage.type].needs_from and not cfg.inputs(name):
             raise ConfigError(f"{_where(path, root, ('stages', name), overridden)}: stages.{name}: "
                               f"a {stage.type} stage needs 'from'")
     # Cycle check (Kahn): anything left over sits on a cycle.

@@ -27,12 +27,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable
 
+from compress import install_hint
 from compress.config import ConfigError, TrackingConfig
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 REPORT_FILES = ("report.json", "report.md", "report.html", "pareto.png")
-INSTALL_HINT = "pip install 'compress[tracking]'"
+INSTALL_HINT = install_hint("tracking")
 
 
 def resolve_uri(cfg: TrackingConfig, runs_root: Path) -> str:

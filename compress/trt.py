@@ -26,10 +26,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from compress import install_hint
 from compress.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 MANIFEST_FORMAT = "compress.engine/1"
-_INSTALL_HINT = "pip install 'compress[tensorrt]'"
+_INSTALL_HINT = install_hint("tensorrt")
 
 
 class EngineError(RuntimeError):

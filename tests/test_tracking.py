@@ -12,7 +12,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from compress import tracking
+from compress import install_hint, tracking
 from compress.cli import app
 from compress.config import ConfigError, TrackingConfig
 
@@ -118,7 +118,7 @@ def test_missing_mlflow_fails_before_any_stage(tmp_path, monkeypatch):
     assert result.exit_code == 2, (result.output, result.exception)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0]
-    assert "pip install 'compress[tracking]'" in errors[0]
+    assert install_hint("tracking") in errors[0] and "'compress[" not in errors[0]
     assert not (tmp_path / "runs" / "tiny" / "teacher").exists() and not (tmp_path / "reports").exists()
 
 
