@@ -171,8 +171,20 @@ def load_model(path: str | os.PathLike, base_dir: Path | None = None) -> nn.Modu
     payload = read_model_file(path)
     model = create_model(payload["model"], num_classes=payload["num_classes"],
                          in_channels=payload["in_channels"], base_dir=base_dir)
+    state = payload["state_dict"]
+    reshape_to(model, payload["shapes"], state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit model {payload['model']!r}: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+    return model
+
+
+def reshape_to(model: nn.Module, shapes: dict, state: dict) -> None:
+    """Give a freshly built model the layer shapes (a pruned model's) recorded in a model file."""
     modules = dict(model.named_modules())
-    for mname, attrs in payload["shapes"].items():
+    for mname, attrs in shapes.items():
         module = modules.get(mname)
         if module is None:
             continue
@@ -180,7 +192,6 @@ def load_model(path: str | os.PathLike, base_dir: Path | None = None) -> nn.Modu
             if hasattr(module, attr):
                 setattr(module, attr, tuple(value) if isinstance(value, list) else value)
     # Resize parameters and buffers to the saved shapes before loading (pruned layers shrank).
-    state = payload["state_dict"]
     for key, tensor in state.items():
         owner_name, _, leaf = key.rpartition(".")
         owner = modules.get(owner_name)
@@ -192,9 +203,122 @@ def load_model(path: str | os.PathLike, base_dir: Path | None = None) -> nn.Modu
                 setattr(owner, leaf, nn.Parameter(torch.empty_like(tensor), requires_grad=current.requires_grad))
             else:
                 owner.register_buffer(leaf, torch.empty_like(tensor))
+
+
+# ----------------------------------------------------------------------------- reading what users hand us
+
+class FileReadError(ValueError):
+    """A file that is not a regular file, is too large or cannot be read; one line for the user."""
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `max_bytes`.
+
+    Opened non-blocking and checked with fstat on the open descriptor (no race between check and
+    read): a FIFO, socket or device is refused at once instead of blocking or reading forever.
+    FileNotFoundError propagates (callers word it); everything else is a FileReadError.
+    """
+    import stat
+
+    path = Path(path)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit model {payload['model']!r}: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
-    return model
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FileReadError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                    else "a character device" if stat.S_ISCHR(st.st_mode) else "a block device"
+                    if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+            raise FileReadError(f"{path}: is {kind}; the {what} must be a regular file")
+        chunks, total = [], 0
+        while total <= max_bytes and (block := os.read(fd, min(1 << 20, max_bytes + 1 - total))):
+            chunks.append(block)
+            total += len(block)
+        if total > max_bytes:
+            raise FileReadError(f"{path}: the {what} is larger than {_size(max_bytes)}, the most compress reads "
+                                f"({_size(max(st.st_size, total))})")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise FileReadError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+MAX_YAML_BYTES = 1 << 20      # the largest pipeline shipped is 3 KB
+MAX_YAML_NODES = 50_000       # values after aliases are expanded: a 1 KB alias bomb expands to billions
+
+
+class YAMLInputError(ValueError):
+    """Malformed, duplicated or oversized YAML; `line` is 1-based (None: the whole document)."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+
+def _check_yaml_nodes(root, limit: int) -> None:
+    """Duplicate keys (with both lines), recursive aliases, and more than `limit` values once aliases expand."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node) -> int:
+        ident = id(node)
+        if ident in sizes:  # an alias: the node again; its expanded size counts again
+            return sizes[ident]
+        if ident in active:
+            raise YAMLInputError("an alias refers to the node that contains it (a recursive structure)",
+                                 node.start_mark.line + 1)
+        active.add(ident)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    first = seen.setdefault((key.tag, key.value), key)
+                    if first is not key:
+                        shown = key.value if len(key.value) <= 40 else key.value[:39] + "\u2026"
+                        raise YAMLInputError(f"duplicate key {shown!r} (first at line {first.start_mark.line + 1}); "
+                                             f"a key may appear once in a mapping", key.start_mark.line + 1)
+                n += size(key) + size(value)
+        active.discard(ident)
+        sizes[ident] = n
+        if n > limit:
+            raise YAMLInputError(f"more than {limit} values once aliases are expanded (an alias bomb?)",
+                                 node.start_mark.line + 1)
+        return n
+
+    size(root)
+
+
+def load_yaml(text: str, max_nodes: int = MAX_YAML_NODES):
+    """(data, root node) of one YAML document, safely: duplicate keys, recursive aliases and alias bombs
+    are refused before anything is built. Raises YAMLInputError."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_yaml_nodes(root, max_nodes)
+        return loader.construct_document(root), root
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise YAMLInputError(f"malformed YAML: {problem}", mark.line + 1 if mark is not None else None) from None
+    except RecursionError:
+        raise YAMLInputError("malformed YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
