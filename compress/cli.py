@@ -16,8 +16,134 @@ from rich.markup import escape
 
 import compress
 
+CRASH_DIR_ENV = "COMPRESS_CRASH_DIR"  # where tracebacks and library warnings go (default: $TMPDIR/compress-<uid>)
+
+
+def _crash_dir() -> Path:
+    import os
+    import tempfile
+
+    default = Path(tempfile.gettempdir()) / f"compress-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    return Path(os.environ.get(CRASH_DIR_ENV) or default)
+
+
+@contextmanager
+def _library_warnings_to(path: Path):
+    """Python warnings and library log records (PIL, matplotlib, torch) go to `path`, not the terminal."""
+    import logging
+    import warnings
+
+    handler = None
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        nonlocal handler
+        try:
+            if handler is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handler = open(path, "a", encoding="utf-8")
+            handler.write(warnings.formatwarning(message, category, filename, lineno, line))
+            handler.flush()
+        except OSError:
+            pass  # a warning that cannot be logged is dropped, never printed over the one-line output
+
+    class ToFile(logging.Handler):
+        def emit(self, record):
+            show(self.format(record), UserWarning, record.pathname, record.lineno)
+
+    root = logging.getLogger()
+    log_handler = ToFile(level=logging.WARNING)
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    root.addHandler(log_handler)
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+        root.removeHandler(log_handler)
+        if handler is not None:
+            handler.close()
+
+
+class _Boundary(typer.core.TyperGroup):
+    """The CLI boundary: whatever happens inside a command, the user sees at most one line on stderr.
+
+    Usage errors are one `error:` line (exit 2), not click's box; an unexpected exception is one line
+    naming it and the file holding its traceback (exit 1); sys.exit() called by a user module or a
+    library cannot end a command silently (exit 1); library warnings go to a log file.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own copy of click
+        from typer.exceptions import Abort, TyperException
+
+        argv = list(sys.argv[1:] if args is None else args)
+        command = next((a for a in argv if a in self.commands), "compress")
+        try:
+            with _library_warnings_to(_crash_dir() / "warnings.log"):
+                code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+        except NoArgsIsHelpError as exc:
+            typer.echo(exc.format_message())  # `compress` alone: the help text, as before
+            code = exc.exit_code
+        except TyperException as exc:
+            hint = f" (see `compress {command} --help`)" if isinstance(exc, UsageError) else ""
+            console.print(f"[bold red]error:[/] {escape(_cut(_one_line(exc.format_message()), 400))}{hint}",
+                          soft_wrap=True)
+            code = exc.exit_code
+        except Abort:
+            console.print("[bold yellow]stopped:[/] interrupted", soft_wrap=True)
+            code = EXIT_INTERRUPTED
+        except SystemExit as exc:  # never ours (commands end with typer.Exit): a user module or a library
+            console.print(f"[bold red]error:[/] `compress {command}` was ended by sys.exit({exc.code!r}) from "
+                          f"{_exit_origin(exc)}; nothing it would have written was written", soft_wrap=True)
+            code = 1
+        except KeyboardInterrupt:
+            console.print("[bold yellow]stopped:[/] interrupted", soft_wrap=True)
+            code = EXIT_INTERRUPTED
+        except Exception as exc:  # a bug, or a case we did not foresee: one line, the traceback in a file
+            console.print(f"[bold red]error:[/] {escape(_crash_line(command, exc))}", soft_wrap=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def _exit_origin(exc: BaseException) -> str:
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown code"
+
+
+def _crash_line(command: str, exc: BaseException) -> str:
+    """One line for an unexpected exception; its full traceback goes to a file the line names."""
+    import os
+    import time
+    import traceback
+
+    what = f"{type(exc).__name__}: {_cut(_one_line(str(exc)), 200)}" if str(exc) else type(exc).__name__
+    if isinstance(exc, MemoryError):
+        what = "out of memory (MemoryError); try smaller sizes (batch_size, image_size, dataset)"
+    try:
+        directory = _crash_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        path.write_text(f"compress {compress.__version__}: {' '.join(sys.argv)}\n"
+                        + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        where = f"full traceback in {path}"
+    except OSError as err:
+        where = f"the traceback could not be written ({err.strerror or err})"
+    return f"`compress {command}` failed unexpectedly: {what}; {where}"
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """At most `limit` characters: a value echoed in an error never floods the terminal."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
 app = typer.Typer(
     name="compress",
+    cls=_Boundary,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -56,7 +182,7 @@ def _one_line(message: str) -> str:
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    console.print(f"[bold red]error:[/] {escape(_one_line(message))}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(_cut(_one_line(message), 1000))}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -171,11 +297,7 @@ def validate(
     for name in cfg.order():
         stage = cfg.stages[name]
         src = cfg.inputs(name)
-        what = {"prune": lambda: (f"keep {stage.target_macs or stage.target_params:g} of "
-                                  f"{'MACs' if stage.target_macs else 'params'}" if stage.target_latency_ms is None
-                                  else f"under {stage.target_latency_ms:g} ms ({stage.latency_runtime})")
-                + f", {stage.importance}",
-                "quantize": lambda: f"{stage.method} int8 ({stage.backend})"}.get(stage.type, lambda: stage.model)()
+        what = config.STAGE_TYPES[stage.type].describe(stage)
         typer.echo(f"  {name:<20} {stage.type:<9} {what:<28} {('<- ' + ', '.join(src)) if src else ''}")
 
 
@@ -196,14 +318,21 @@ def models(
     try:
         c, h, w = (int(v) for v in input_size.split(","))
     except ValueError:
-        _fail(f"--input-size {input_size!r}: expected C,H,W such as 1,28,28")
+        _fail(f"--input-size {_cut(input_size, 40)!r}: expected C,H,W such as 1,28,28")
+    if not (1 <= c <= 64 and 1 <= h <= 4096 and 1 <= w <= 4096):
+        _fail(f"--input-size {input_size}: expected 1-64 channels and 1-4096 pixels a side")
+    if not 1 <= num_classes <= 100_000:
+        _fail(f"--num-classes {num_classes}: expected 1 to 100000")
     table = Table(title=f"models at {c}x{h}x{w}, {num_classes} classes")
     for col in ("model", "family", "params", "MACs"):
         table.add_column(col, justify="left" if col in ("model", "family") else "right")
     for name in list_models(pattern):
         model = create_model(name, num_classes=num_classes, in_channels=c)
-        table.add_row(name, model_family(name), f"{count_params(model) / 1e6:.3f} M",
-                      f"{count_macs(model, (c, h, w)) / 1e6:.2f} M")
+        try:
+            macs = f"{count_macs(model, (c, h, w)) / 1e6:.2f} M"
+        except (RuntimeError, ValueError):  # e.g. an input too small for its downsampling
+            macs = f"n/a at {h}x{w}"
+        table.add_row(name, model_family(name), f"{count_params(model) / 1e6:.3f} M", macs)
     Console().print(table)
 
 
@@ -215,14 +344,18 @@ def compare(
     fail_if: list[str] = typer.Option([], "--fail-if", help="Gate, repeatable: accuracy_drop>POINTS, "
                                                             "latency_increase>MS or latency_increase>PCT%."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write an overlaid accuracy-vs-latency plot (PNG)."),
+    include_mismatched: bool = typer.Option(False, "--include-mismatched",
+                                            help="Also show (and gate) deltas of rows whose model or dataset differ."),
 ) -> None:
-    """Compare reports artifact by artifact (name, runtime, precision): accuracy, p50 latency and deltas.
+    """Compare reports artifact by artifact (name, runtime, precision): accuracy, p50 latency and deltas,
+    and the machines they were measured on.
 
-    Exits 1 when a `--fail-if` gate is violated (one line per gate), 2 on unreadable input.
+    Warns when the pipelines, datasets or models differ; rows whose model or dataset differ get no
+    deltas (and no gate reads them) unless `--include-mismatched`. Exits 1 when a `--fail-if` gate is violated (one line per gate), 2 on unreadable input.
 
     **Examples**
 
-    * `compress compare reports/baseline reports/smoke`
+    * `compress compare reports/reference/fashion-distill reports/fashion-distill`
     * `compress compare base/report.json new/report.json --fail-if "accuracy_drop>0.5" --fail-if "latency_increase>10%"`
     * `compress compare a b c --plot compare.png`
     """
@@ -230,12 +363,16 @@ def compare(
 
     try:
         gates = [cmp.parse_gate(g) for g in fail_if]
-        result = cmp.compare([cmp.load_report(r) for r in reports])
+        result = cmp.compare([cmp.load_report(r) for r in reports], include_mismatched=include_mismatched)
     except cmp.CompareError as exc:
         _fail(str(exc))
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
     out.print(cmp.table(result))
     for line in cmp.legend(result):
+        out.print(line, markup=False)
+    out.print(cmp.machine_table(result))
+    for line in result.warnings:
+        out.print("[yellow]warning:[/] ", end="")
         out.print(line, markup=False)
     if result.machine_note:
         out.print(f"[yellow]note:[/] {result.machine_note}")
@@ -245,6 +382,56 @@ def compare(
     for line in failures:
         console.print(f"[bold red]gate:[/] {line}", soft_wrap=True, markup=True)
     if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML: pipeline, space, sampler, trials, objectives."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep directory (default: sweeps/NAME, NAME the sweep file's stem): "
+                                       "trials.jsonl, runs/, trials/ and the combined report."),
+    objective: list[str] = typer.Option([], "--objective", help="Replace the file's objectives, repeatable: "
+                                        "'max accuracy s.t. latency_p50@1<0.3ms', 'min size_bytes s.t. accuracy>90'."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Override the trial budget."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1, help="Start no trial after this many seconds."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Trials in parallel processes."),
+) -> None:
+    """Run a pipeline over a search space and report the Pareto front and the best trial per objective.
+
+    Every stage whose cache key is unchanged between trials is reused; a killed sweep, run
+    again with the same file and `--out`, skips the trials it finished. Columns for objectives:
+    accuracy, latency_p50@B, throughput@B (B: a benchmarked batch size), size_bytes, params, macs.
+
+    **Examples**
+
+    * `compress sweep pipelines/sweep-prune-quant.yaml`
+    * `compress sweep pipelines/sweep-prune-quant.yaml --objective "max accuracy s.t. latency_p50@1<0.3ms"`
+    """
+    from compress import sweep as sw
+
+    try:
+        cfg, pipeline, pcfg = sw.load(sweep_file)
+        updates = {k: v for k, v in (("objectives", objective or None), ("trials", trials),
+                                     ("time_budget_s", time_budget), ("jobs", jobs)) if v is not None}
+        if updates:
+            cfg = sw.SweepConfig.model_validate({**cfg.model_dump(), **updates})
+        runner = sw.Sweep(cfg, pipeline, pcfg, out or Path("sweeps") / sweep_file.stem,
+                          echo=lambda m: console.print(m, markup=False, soft_wrap=True))
+    except sw.SweepError as exc:
+        _fail(str(exc))
+    except sw.ValidationError as exc:
+        _fail(f"{sweep_file}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    with _sigterm_as_ctrl_c():
+        done = runner.run()
+    batch = min(pcfg.benchmark.batch_sizes)
+    result = sw.combined_report(done, runner.objectives, cfg, pipeline, runner.out, batch)
+    for b in result["best"]:
+        line = (f"best for '{b['objective']}': no trial meets it" if b.get("trial") is None else
+                f"best for '{b['objective']}': trial {b['trial']} {b['artifact']} ({b['runtime']} {b['precision']}) "
+                f"= {b['value']:.4g}")
+        typer.echo(line)
+    typer.echo(f"report: {runner.out / 'sweep.md'}")
+    if not any(t.status == "ok" for t in done):
         raise typer.Exit(1)
 
 
@@ -278,6 +465,38 @@ def deploy(
     except (DeployError, *_user_errors()) as exc:
         _fail(str(exc))
     console.print(f"[bold green]bundle:[/] {bundle}")
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="A bundle directory written by `compress deploy` (onnx, jetson or triton)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port; 0 picks a free one (printed at start)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Requests run in parallel, each worker with "
+                                                                        "its own runtime session (default: the cores, "
+                                                                        "at most 8)."),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest request body accepted (413 above)."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Most images in one request."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse images of another size or channel count (422) "
+                                                        "instead of converting them as infer.py does."),
+) -> None:
+    """Serve a deploy bundle over HTTP: POST /predict, GET /health, GET /metrics, and a page at /.
+
+    The bundle's files are checked against its manifest's sha256 before the server starts.
+
+    **Examples**
+
+    * `compress serve dist/mnv2-int8`, then open http://127.0.0.1:8000/
+    * `curl -F image=@shoe.png http://127.0.0.1:8000/predict`
+    * `curl --data-binary @shoe.png -H 'Content-Type: image/png' 'http://127.0.0.1:8000/predict?top_k=3'`
+    """
+    from compress.serve import BundleError, serve as run_server
+
+    try:
+        run_server(bundle, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb, max_batch=max_batch,
+                   strict=strict, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+    except BundleError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

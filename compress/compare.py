@@ -18,6 +18,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPORT_SCHEMA_PREFIX = "compress.report/"
 METRICS = {"accuracy_drop": "points", "latency_increase": "ms or %"}
@@ -32,21 +35,87 @@ class CompareError(ValueError):
 
 # ----------------------------------------------------------------------------- inputs
 
+MAX_REPORT_BYTES = 64 << 20  # a report of hundreds of artifacts is well under 1 MB
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+
+class _Latency(_Open):
+    p50: Optional[float] = None
+
+
+class _Row(_Open):
+    """The fields of a report row that compare and deploy read, with the types they need."""
+    name: str
+    runtime: str
+    precision: str
+    status: str = "ok"
+    accuracy: Optional[float] = None
+    latency_ms: Optional[dict[str, Optional[_Latency]]] = None
+    reason: Optional[str] = None
+
+    @field_validator("latency_ms")
+    @classmethod
+    def _batches(cls, value):
+        for batch in value or {}:
+            if not batch.isdigit() or len(batch) > 9:
+                raise ValueError(f"batch size key {batch[:20]!r} is not a number")
+        return value
+
+
+class _Pipeline(_Open):
+    name: str
+    config: dict = {}
+
+
+class _Machine(_Open):
+    model_config = ConfigDict(extra="allow", strict=False)  # cpu/gpu are shown as text, whatever they are
+
+
+class ReportSchema(_Open):
+    schema_: str = Field(alias="schema", pattern=r"^compress\.report/")
+    pipeline: _Pipeline
+    artifacts: list[_Row]
+    machine: Optional[_Machine] = None
+    created: Optional[str] = None
+    run_dir: Optional[str] = None
+    data: Optional[dict] = None
+
+
+def check_report(report: Any, file: str | Path) -> dict:
+    """`report` (parsed JSON) checked against the fields compress reads; CompareError naming the first bad one."""
+    try:
+        ReportSchema.model_validate(report)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "<top>"
+        if loc == "schema" or not isinstance(report, dict):
+            raise CompareError(f"{file}: not a compress report (no schema {REPORT_SCHEMA_PREFIX}* with "
+                               f"artifacts)") from None
+        msg = err["msg"].replace("Input should be", "expected")
+        raise CompareError(f"{file}: not a report this version can read: {loc}: {msg}") from None
+    return report
+
+
 def load_report(path: str | Path) -> dict:
     """A report.json, given as the file or the report directory holding it."""
+    from compress.io import FileReadError, read_regular_file
+
     path = Path(path)
     file = path / "report.json" if path.is_dir() else path
     try:
-        report = json.loads(file.read_text())
+        report = json.loads(read_regular_file(file, MAX_REPORT_BYTES, "report.json"))
     except FileNotFoundError:
         raise CompareError(f"{file}: no such file" + (" (expected a report.json or a report directory)"
                                                       if not path.is_dir() else "")) from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except FileReadError as exc:
+        raise CompareError(str(exc)) from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CompareError(f"{file}: not a readable report.json ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:120]})") from None
-    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith(REPORT_SCHEMA_PREFIX) \
-            or not isinstance(report.get("artifacts"), list):
-        raise CompareError(f"{file}: not a compress report (no schema {REPORT_SCHEMA_PREFIX}* with artifacts)")
+                           f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    check_report(report, file)
     report["_path"] = str(file)
     return report
 
@@ -97,11 +166,17 @@ class Comparison:
     rows: dict[Key, list[dict]]             # key -> the row in each report
     only: dict[str, list[Key]] = field(default_factory=dict)   # label -> keys found only in some reports
     machine_note: str | None = None
+    warnings: list[str] = field(default_factory=list)          # pipelines, datasets or models that differ
+    mismatched: set[Key] = field(default_factory=set)          # rows whose model or dataset differ from A's
+    include_mismatched: bool = False                           # show and gate their deltas anyway
+
+    def _deltas_for(self, key: Key) -> bool:
+        return self.include_mismatched or key not in self.mismatched
 
     def accuracy_deltas(self) -> list[tuple[float, Key, int]]:
         """(baseline accuracy - other accuracy, key, report index) for every pair with both numbers."""
         out = []
-        for key in self.keys:
+        for key in filter(self._deltas_for, self.keys):
             base = self.rows[key][0]
             for i, other in enumerate(self.rows[key][1:], start=1):
                 if _ok(base) and _ok(other):
@@ -111,7 +186,7 @@ class Comparison:
     def latency_deltas(self) -> list[tuple[float, float, Key, int, str]]:
         """(increase in ms, relative increase, key, report index, batch) for every pair with both numbers."""
         out = []
-        for key in self.keys:
+        for key in filter(self._deltas_for, self.keys):
             for b in self.batches:
                 base = _p50(self.rows[key][0], b)
                 for i, other in enumerate(self.rows[key][1:], start=1):
@@ -126,7 +201,52 @@ def _machine(report: dict) -> tuple[str, str]:
     return str(m.get("cpu") or "?"), str(m.get("gpu") or "no GPU")
 
 
-def compare(reports: list[dict], labels: list[str] | None = None) -> Comparison:
+def _dataset(report: dict) -> tuple:
+    d = report.get("data") or {}
+    return (d.get("name"), d.get("fingerprint"), d.get("num_test"))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def _differences(reports: list[dict], labels: list[str], keys: list[Key],
+                 rows: dict[Key, list[dict]]) -> tuple[list[str], set[Key]]:
+    """What differs between the reports beyond the runs themselves: warnings, and the rows whose
+    deltas would compare different models or different data (a resnet8 on synthetic images
+    and a resnet20 on Fashion-MNIST can both be called `teacher`)."""
+    warnings, mismatched = [], set()
+    base = reports[0]
+    names = [(rep.get("pipeline") or {}).get("name", "?") for rep in reports]
+    if len(set(names)) > 1:
+        warnings.append("pipelines differ: " + ", ".join(f"{lab} {n}" for lab, n in zip(labels, names)))
+    else:
+        configs = [_flat((rep.get("pipeline") or {}).get("config") or {}) for rep in reports]
+        changed = sorted({k for c in configs[1:] for k in set(c) | set(configs[0]) if c.get(k) != configs[0].get(k)})
+        if changed:
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            warnings.append(f"pipeline {names[0]}: the configs differ in {', '.join(changed[:5])}{more}")
+    data = [_dataset(rep) for rep in reports]
+    other_data = [lab for lab, d in zip(labels[1:], data[1:]) if d != data[0]]
+    if other_data:
+        warnings.append("datasets differ: " + ", ".join(
+            f"{lab} {d[0] or '?'} ({(d[1] or '?')[:12]}, {d[2] or '?'} test images)" for lab, d in zip(labels, data)))
+        mismatched.update(keys)
+    for key in keys:
+        models = [r.get("model") for r in rows[key]]
+        if any(m != models[0] for m in models[1:]):
+            mismatched.add(key)
+            warnings.append(f"{key[0]} ({key[1]}, {key[2]}): models differ: "
+                            + ", ".join(f"{lab} {m or '?'}" for lab, m in zip(labels, models)))
+    if mismatched:
+        warnings.append(f"{len(mismatched)} row(s) compare different models or data: their deltas are not "
+                        "shown and no gate reads them (--include-mismatched to show and gate them)")
+    return warnings, mismatched
+
+
+def compare(reports: list[dict], labels: list[str] | None = None, include_mismatched: bool = False) -> Comparison:
     """Match the reports' rows by (name, runtime, precision); the first report is the baseline."""
     if len(reports) < 2:
         raise CompareError("compare needs at least two reports")
@@ -142,8 +262,10 @@ def compare(reports: list[dict], labels: list[str] | None = None) -> Comparison:
     if len(set(machines)) > 1:
         note = ("the reports come from different machines, so latency deltas compare machines as much as models: "
                 + "; ".join(f"{lab}: {cpu}, {gpu}" for lab, (cpu, gpu) in zip(labels, machines)))
-    return Comparison(reports, labels, batches, keys, {k: [idx[k] for idx in indexed] for k in keys},
-                      {lab: ks for lab, ks in only.items() if ks}, note)
+    rows = {k: [idx[k] for idx in indexed] for k in keys}
+    warnings, mismatched = _differences(reports, labels, keys, rows)
+    return Comparison(reports, labels, batches, keys, rows, {lab: ks for lab, ks in only.items() if ks}, note,
+                      warnings, mismatched, include_mismatched)
 
 
 def check_gates(cmp: Comparison, gates: list[Gate]) -> list[str]:
@@ -200,11 +322,14 @@ def table(cmp: Comparison):
     for key in cmp.keys:
         rows = cmp.rows[key]
         cells = list(key)
+        if key in cmp.mismatched:
+            cells[0] += " [yellow](differs)[/]"
+        deltas = cmp._deltas_for(key)
         base = rows[0]
         for i, r in enumerate(rows):
             if not _ok(r):
                 cells.append(f"[dim]{r.get('status')}[/]")
-            elif i == 0 or not _ok(base):
+            elif i == 0 or not _ok(base) or not deltas:
                 cells.append(f"{r['accuracy']:.2f}")
             else:
                 d = r["accuracy"] - base["accuracy"]
@@ -215,7 +340,7 @@ def table(cmp: Comparison):
                 p = _p50(r, b)
                 if p is None:
                     cells.append("[dim]-[/]")
-                elif i == 0 or p0 is None:
+                elif i == 0 or p0 is None or not deltas:
                     cells.append(f"{p:.3f}")
                 else:
                     rel = (p - p0) / p0 * 100 if p0 > 0 else 0.0
@@ -235,6 +360,28 @@ def legend(cmp: Comparison) -> list[str]:
     if not cmp.batches:
         lines.append("no batch size was measured in every report: latency is not compared")
     return lines
+
+
+MACHINE_FIELDS = ("cpu", "cores", "torch_threads", "gpu", "cuda", "os")
+MACHINE_VERSIONS = ("torch", "onnxruntime", "tensorrt")
+
+
+def machine_table(cmp: Comparison):
+    """The machines the reports were measured on, one column per report: latency is theirs too."""
+    from rich.table import Table
+    from rich.text import Text  # the values come from the files: not markup
+
+    t = Table(title="machines")
+    t.add_column("")
+    for lab in cmp.labels:
+        t.add_column(lab)
+    machines = [rep.get("machine") or {} for rep in cmp.reports]
+    for name in MACHINE_FIELDS:
+        t.add_row(name, *[Text(str(m.get(name) if m.get(name) is not None else "-")) for m in machines])
+    for name in MACHINE_VERSIONS:
+        versions = [m.get("versions") if isinstance(m.get("versions"), dict) else {} for m in machines]
+        t.add_row(name, *[Text(str(v.get(name) or "-")) for v in versions])
+    return t
 
 
 def plot(cmp: Comparison, path: str | Path) -> Path:
@@ -263,7 +410,7 @@ def plot(cmp: Comparison, path: str | Path) -> Path:
                             textcoords="offset points", xytext=(6, 4), fontsize=7)
         ax.scatter([], [], color=color, label=f"{lab}: {(rep.get('pipeline') or {}).get('name', '?')}")
     if batch:
-        for key in cmp.keys:
+        for key in filter(cmp._deltas_for, cmp.keys):
             base = cmp.rows[key][0]
             p0 = _p50(base, batch)
             for other in cmp.rows[key][1:]:

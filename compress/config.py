@@ -82,8 +82,15 @@ class DataConfig(Strict):
         "auto", description="device: the whole dataset is one tensor on the GPU, batches are gathered and augmented "
                             "there; host: it stays in (pinned) host memory and DataLoader workers gather batches "
                             "that are copied over asynchronously, then augmented on the GPU; auto: device when "
-                            "the images take under a quarter of the free GPU memory (always device on CPU)")
+                            "the images take under a quarter of the free GPU memory (on CPU: device, except an "
+                            "imagefolder cache larger than a quarter of the available memory, which is streamed)")
     workers: int = Field(2, ge=0, description="placement host: DataLoader worker processes gathering batches")
+    cache: bool = Field(True, description="imagefolder: decode the images once into an on-disk uint8 cache and "
+                                          "read them from it (placement host streams batches from the file); "
+                                          "false: decode into memory on every run")
+    cache_dir: Path | None = Field(None, description="imagefolder: where the decoded cache lives (default "
+                                                     "<run root>/.cache; several nodes: shared storage, or a "
+                                                     "local folder on each node)")
 
 
 # ----------------------------------------------------------------------------- stages

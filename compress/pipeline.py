@@ -95,7 +95,7 @@ def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_finge
     stage = cfg.stages[name]
     payload = {
         "stage": stage.model_dump(mode="json", by_alias=True),
-        "data": cfg.data.model_dump(mode="json", exclude={"placement", "workers"}),  # where, not what
+        "data": cfg.data.model_dump(mode="json", exclude={"placement", "workers", "cache", "cache_dir"}),  # where, not what
         "data_fingerprint": data_fingerprint,
         "seed": cfg.seed,
         "export": cfg.export.model_dump(mode="json"),
@@ -174,7 +174,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
     main = distributed.is_main()
     if cfg.benchmark.threads:
         torch.set_num_threads(cfg.benchmark.threads)
-    data = build_data(cfg.data, device, cfg.seed, log=log)
+    data = build_data(cfg.data, device, cfg.seed, log=log, cache_root=run_dir.parent / ".cache")
     log(f"data: {data.name} from {data.source}: {data.num_train} train / {data.num_val} val / "
         f"{data.num_test} test images, {data.in_channels}x{data.image_size[0]}x{data.image_size[1]}, "
         f"{data.num_classes} classes; device {device}")

@@ -6,12 +6,16 @@
     imagefolder    root/train/<class>/*.png and root/test/<class>/...   imagefolder.py
     synthetic      learnable random patterns, for tests and smoke runs  synthetic.py
 
+An image folder is decoded once into an on-disk cache (cache.py) and read from it, whole or a batch at a
+time (rows.py), as data.placement decides.
+
 A loader is `load(cfg, log) -> RawData` (uint8 NCHW arrays, labels, class names, source);
 `DataModule` holds out the val split, computes mean/std and serves batches.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,8 +33,19 @@ LOADERS: dict[str, Callable[[DataConfig, Callable[[str], None]], RawData]] = {
 }
 
 
-def build_data(cfg: DataConfig, device: torch.device | str, seed: int,
-               log: Callable[[str], None] | None = None) -> DataModule:
-    """Load the dataset `cfg` names onto `device`; `seed` drives the per-epoch shuffles and augmentation."""
-    raw = LOADERS[cfg.dataset](cfg, log or (lambda message: None))
+def build_data(cfg: DataConfig, device: torch.device | str, seed: int, log: Callable[[str], None] | None = None,
+               cache_root: Path | None = None) -> DataModule:
+    """Load the dataset `cfg` names onto `device`; `seed` drives the per-epoch shuffles and augmentation.
+
+    An image folder goes through its on-disk cache (compress.data.cache) in data.cache_dir, else
+    in `cache_root` (the run root's .cache); with neither, or data.cache false, it is decoded into memory.
+    """
+    log = log or (lambda message: None)
+    where = cfg.cache_dir or cache_root
+    if cfg.dataset == "imagefolder" and cfg.cache and where is not None:
+        from compress.data import cache
+
+        raw = cache.load(cfg, Path(where), log)
+    else:
+        raw = LOADERS[cfg.dataset](cfg, log)
     return DataModule(raw, cfg, device, seed)

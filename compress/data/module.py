@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from compress.config import DataConfig
 from compress.data.augment import ERASE_RATIO, erase, erasing_boxes, random_crop_flip, rotate
+from compress.data.rows import DiskRows
 
 SPLITS = ("train", "val", "test")
 ERASE_SALT = 0x657261      # the per-step generator of random erasing's noise
@@ -47,6 +49,7 @@ class RawData:
     test_x: np.ndarray
     test_y: np.ndarray
     source: str             # where the files were found, or how the images were made
+    fingerprint: str | None = None   # known already (an on-disk cache's manifest); else hashed from the arrays
 
 
 def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -63,7 +66,10 @@ def split_indices(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std of uint8 images on the [0, 1] scale, from 256-bin histograms."""
-    hist = torch.stack([torch.bincount(x[:, ch].reshape(-1), minlength=256) for ch in range(x.shape[1])])
+    if isinstance(x, DiskRows):  # counted in chunks (or from the cache's counts): the same integers
+        hist = torch.from_numpy(x.histogram())
+    else:
+        hist = torch.stack([torch.bincount(x[:, ch].reshape(-1), minlength=256) for ch in range(x.shape[1])])
     hist = hist.double().cpu()
     values = torch.arange(256, dtype=torch.float64) / 255
     count = hist.sum(1)
@@ -99,14 +105,29 @@ def _check(raw: RawData, cfg: DataConfig) -> None:
                         f"{len(raw.train_x)}; set data.val_size lower")
 
 
-def _placement(choice: str, device: torch.device, nbytes: int) -> str:
-    """Where the uint8 images go: the device itself, or host memory to be streamed (see DataConfig.placement)."""
+def _placement(choice: str, device: torch.device, nbytes: int, on_disk: bool = False) -> str:
+    """Where the uint8 images go: the device itself, or host memory / the disk cache, streamed (DataConfig.placement)."""
     if choice != "auto":
         return choice
-    if device.type != "cuda":
-        return "device"  # host memory is the device's memory
-    free, _ = torch.cuda.mem_get_info(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    elif on_disk:  # in memory only when it fits comfortably: a quarter of what is available
+        free = available_memory()
+    else:
+        return "device"  # already in host memory, which is the device's memory
     return "device" if nbytes < free / 4 else "host"
+
+
+def available_memory() -> int:
+    """Bytes of host memory available to a new allocation without swapping (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class _Gather(torch.utils.data.Dataset):
@@ -142,7 +163,7 @@ class DataModule:
         self.class_names = list(raw.class_names)
         self.num_classes = len(self.class_names)
         self.source = raw.source
-        self.fingerprint = _fingerprint(raw)
+        self.fingerprint = raw.fingerprint or _fingerprint(raw)
         self.device = torch.device(device)
         self.seed = seed
         self.batch_size = cfg.batch_size
@@ -155,12 +176,16 @@ class DataModule:
         arrays = {"train": (raw.train_x[train_idx], raw.train_y[train_idx]),
                   "val": (raw.train_x[val_idx], raw.train_y[val_idx]),
                   "test": (raw.test_x, raw.test_y)}
-        self.placement = _placement(cfg.placement, self.device, sum(x.nbytes for x, _ in arrays.values()))
+        on_disk = isinstance(raw.train_x, DiskRows)   # an on-disk cache (compress.data.cache)
+        self.placement = _placement(cfg.placement, self.device, sum(x.nbytes for x, _ in arrays.values()), on_disk)
         self.workers = cfg.workers
+        # Streamed: batches are read from the cache file by DataLoader workers, memory bounded by the batches in flight.
+        self.streamed = on_disk and self.placement == "host"
         store = self.device if self.placement == "device" else torch.device("cpu")
-        # np.require copies read-only buffers (np.frombuffer) that torch would warn about
-        self._x = {s: torch.from_numpy(np.require(x, requirements="CW")).to(store) for s, (x, _) in arrays.items()}
-        if store != self.device and self.device.type == "cuda":  # page-locked: copies overlap with compute
+        # np.require copies read-only buffers (np.frombuffer) that torch would warn about (and reads DiskRows whole)
+        self._x = {s: x if self.streamed else torch.from_numpy(np.require(x, requirements="CW")).to(store)
+                   for s, (x, _) in arrays.items()}
+        if store != self.device and self.device.type == "cuda" and not self.streamed:  # page-locked: copies overlap
             self._x = {s: x.pin_memory() for s, x in self._x.items()}
         self._y = {s: torch.from_numpy(y.astype(np.int64)).to(self.device) for s, (_, y) in arrays.items()}
 
@@ -200,8 +225,8 @@ class DataModule:
     def steps_per_epoch(self, batch_size: int | None = None) -> int:
         return math.ceil(self.num_train / (batch_size or self.batch_size))
 
-    def train_batches(self, epoch: int, batch_size: int | None = None,
-                      augment: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+    def train_batches(self, epoch: int, batch_size: int | None = None, augment: bool = True,
+                      shard: tuple[int, int] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch of shuffled, augmented, normalized (images, labels) on the device.
 
         Nothing is dropped: the epoch is cut into steps_per_epoch() batches of near-equal size
@@ -213,6 +238,9 @@ class DataModule:
         Its parameters are drawn per image with the order, so they too depend only on (seed,
         epoch); erasing's noise (`erasing_value: random`) comes from a device generator seeded by
         (seed, epoch, step), so it differs between CPU and CUDA but repeats on each.
+
+        shard=(rank, world): only this process's slice of every batch (`batch.tensor_split(world)[rank]`
+        of the whole batch, bit for bit), read and augmented alone: under DDP each process reads its share.
         """
         n = self.num_train
         aug = self.augment
@@ -240,6 +268,9 @@ class DataModule:
         steps = self.steps_per_epoch(batch_size)
         x, y = self._x["train"], self._y["train"]
         positions = torch.arange(n, device=self.device).tensor_split(steps)
+        full = [len(pos) for pos in positions]
+        if shard is not None:
+            positions = [pos.tensor_split(shard[1])[shard[0]] for pos in positions]
         gathered = self._host_batches(x, [order[pos] for pos in positions]) if self.placement == "host" else None
         for step, pos in enumerate(positions):
             idx = order[pos]
@@ -253,7 +284,9 @@ class DataModule:
                 value = 0.0
                 if aug.erasing_value == "random":
                     noise = seeded_generator(self.seed, epoch, step, ERASE_SALT, device=self.device)
-                    value = torch.randn(xb.shape, generator=noise, device=self.device)
+                    value = torch.randn((full[step], *xb.shape[1:]), generator=noise, device=self.device)
+                    if shard is not None:  # drawn for the whole batch: each process takes its rows
+                        value = value.tensor_split(shard[1])[shard[0]]
                 xb = erase(xb, boxes[:, pos], erase_on[pos], value)
             yield xb, y[idx]
 
@@ -270,8 +303,11 @@ class DataModule:
         """A split in its fixed order, normalized, without augmentation."""
         x, y = self._split(split)
         bs = batch_size or self.eval_batch_size
-        for start in range(0, len(y), bs):
-            yield self.normalize(x[start:start + bs].to(self.device, non_blocking=True)), y[start:start + bs]
+        starts = range(0, len(y), bs)
+        gathered = (self._host_batches(x, [torch.arange(s, min(s + bs, len(y))) for s in starts]) if self.streamed
+                    else (x[s:s + bs] for s in starts))
+        for start, xb in zip(starts, gathered):
+            yield self.normalize(xb.to(self.device, non_blocking=True)), y[start:start + bs]
 
     def images(self, split: str, n: int) -> tuple[Tensor, Tensor]:
         """The first n (or all, if fewer) normalized images and labels of a split."""
