@@ -141,6 +141,15 @@ def _cut(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
+def _flag_shows_no_type(display_type_rich):
+    """Typer's help prints `<bool>` next to an on/off flag as if it took a value; it takes none."""
+    def display(self, ctx):
+        return None if getattr(self, "is_bool_flag", False) else display_type_rich(self, ctx)
+    return display
+
+
+typer.core.TyperOption.display_type_rich = _flag_shows_no_type(typer.core.TyperOption.display_type_rich)
+
 app = typer.Typer(
     name="compress",
     cls=_Boundary,
@@ -214,16 +223,30 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     pass
 
 
+def _endpoint_ok(endpoint: str) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 @app.command()
 def run(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/distill.yaml"),
-    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Run directory root: stages write to OUT/<name>/<stage>/."),
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Run directory root: stages write to `OUT/<name>/<stage>/`."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config value: key.path=value (repeatable)."),
     reports: Optional[Path] = typer.Option(None, "--reports", help="Report root (default: report.dir in the YAML, 'reports')."),
     force: list[str] = typer.Option([], "--force", "-f", help="Re-run this stage even if its cache key is unchanged (repeatable)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (one line per epoch instead)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train with N processes (PyTorch DDP via torchrun): one per GPU, "
                               "or N CPU processes on gloo. Same as `torchrun --nproc-per-node N -m compress run ...`."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Train over this many machines (run the same command on "
+                               "each, with its --node-rank and the same --rdzv-endpoint), as torchrun --nnodes."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's rank, 0 .. nnodes-1 (node 0 "
+                                  "hosts the rendezvous and writes the run directory and report)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, reachable "
+                                                "from every node (several nodes)."),
+    rdzv_backend: str = typer.Option("static", "--rdzv-backend", help="static (node ranks as given, torchrun's "
+                                     "default) or c10d (nodes join in any order, ranks assigned)."),
+    rdzv_id: str = typer.Option("none", "--rdzv-id", help="Job id, the same on every node (torchrun's --rdzv-id)."),
 ) -> None:
     """Run a pipeline: every stage, then engines, benchmark and report.
 
@@ -238,6 +261,8 @@ def run(
     * `compress run pipelines/distill.yaml --set stages.teacher.epochs=1 --set data.batch_size=128`
     * `compress run pipelines/distill.yaml --force mnv2-int8`
     * `compress run pipelines/distill.yaml --nproc 2` (DDP: two GPUs, or two CPU processes)
+    * `compress run big.yaml --nproc 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400` on node 0, and
+      the same with `--node-rank 1` on node 1
     """
     from compress import config, distributed
     from compress.context import StageError
@@ -249,11 +274,21 @@ def run(
         unknown = [s for s in force if s not in cfg.stages]
         if unknown:
             _fail(f"--force {unknown[0]!r}: no such stage in {pipeline} (stages: {', '.join(cfg.stages)})")
-        if nproc > 1 and not distributed.launched():  # the config is valid: start N copies of this command
+        if nnodes > 1 and not rdzv_endpoint:
+            _fail(f"--nnodes {nnodes}: every node needs --rdzv-endpoint HOST:PORT (of node 0)")
+        if node_rank >= nnodes:
+            _fail(f"--node-rank {node_rank}: expected 0 .. {nnodes - 1} for --nnodes {nnodes}")
+        if rdzv_endpoint and not _endpoint_ok(rdzv_endpoint):
+            _fail(f"--rdzv-endpoint {rdzv_endpoint!r}: expected HOST:PORT, e.g. node0:29400")
+        if rdzv_backend not in ("static", "c10d"):
+            _fail(f"--rdzv-backend {rdzv_backend!r}: expected static or c10d")
+        if (nproc > 1 or nnodes > 1) and not distributed.launched():  # the config is valid: start the processes
             args = ["run", str(pipeline), "--out", str(out), *(a for v in set_ for a in ("--set", v)),
                     *(["--reports", str(reports)] if reports else []), *(a for f in force for a in ("--force", f)),
                     *(["--no-progress"] if no_progress else [])]
-            raise typer.Exit(distributed.launch(nproc, args))
+            raise typer.Exit(distributed.launch(nproc, args, nnodes=nnodes, node_rank=node_rank,
+                                                rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
+                                                rdzv_id=rdzv_id))
         if not distributed.is_main_process():  # under torchrun: rank 0 talks, the others work quietly
             no_progress = True
         with _sigterm_as_ctrl_c():
