@@ -93,15 +93,44 @@ def locate(source: Path, runs: Path | None = None, reports: Path = Path("reports
                       f"pass --runs DIR, the directory holding {name}/")
 
 
+def _cut(text: str, limit: int = 80) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
 def _stage_manifest(run_dir: Path, artifact: str) -> dict:
+    # The artifact is looked up among the run directory's own entries, never joined onto it as a path:
+    # '../../elsewhere/stage' or an absolute path cannot name anything but a stage of this run.
+    names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (p / "manifest.json").is_file())
+    if artifact not in names:
+        raise DeployError(f"no artifact {_cut(artifact)!r} in {run_dir} (artifacts: {', '.join(names) or 'none'})")
     path = run_dir / artifact / "manifest.json"
-    if not path.is_file():
-        names = sorted(p.parent.name for p in run_dir.glob("*/manifest.json"))
-        raise DeployError(f"no artifact {artifact!r} in {run_dir} (artifacts: {', '.join(names) or 'none'})")
     manifest = _read_json(path)
-    if manifest.get("status") != "done" or "artifact" not in manifest:
+    if not isinstance(manifest, dict) or manifest.get("status") != "done" or "artifact" not in manifest:
         raise DeployError(f"{path}: stage {artifact!r} did not finish; re-run the pipeline")
+    art = manifest["artifact"]
+    if not isinstance(art, dict) or not isinstance(art.get("files"), dict) \
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in art["files"].items()) \
+            or not isinstance(manifest.get("outputs") or {}, dict) or not isinstance(manifest.get("data") or {}, dict):
+        raise DeployError(f"{path}: not a stage manifest this version can read (artifact.files must map names to "
+                          f"paths); re-run the stage with --force {artifact}")
     return manifest
+
+
+def _within(path: Path, root: Path) -> bool:
+    """Is `path` (after resolving links and '..') `root` or under it?"""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return path == root or root in path.parents
+
+
+def _check_out(out: Path, sources: dict[str, Path]) -> None:
+    """--out must be none of the sources, nor inside one, nor above one (replacing it would delete the source)."""
+    for what, src in sources.items():
+        if _within(out, src) or _within(src, out):
+            where = "is" if Path(out).resolve() == Path(src).resolve() else \
+                "is inside" if _within(out, src) else "contains"
+            raise DeployError(f"--out {out} {where} the {what} {src}; bundle somewhere else (--force never "
+                              f"replaces a source)")
 
 
 def _resolve(run_dir: Path, artifact: str, key: str, value: str, manifest: dict) -> Path:
@@ -219,10 +248,18 @@ def build_engine_sh(onnx_name: str, precision: str, chw: list[int], engine_cfg: 
 set -euo pipefail
 cd "$(dirname "$0")"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
-if ! "$TRTEXEC" --help 2>&1 | grep -q -- --stronglyTyped; then
-  echo "error: $TRTEXEC has no --stronglyTyped (TensorRT < 10?); JetPack 6 / TensorRT 10+ is needed" >&2
+if ! command -v "$TRTEXEC" >/dev/null 2>&1; then
+  echo "error: trtexec not found ($TRTEXEC): install TensorRT 10+ (JetPack 6) or set TRTEXEC=/path/to/trtexec" >&2
   exit 1
 fi
+# The whole help text first, then the search: `--help | grep -q` under pipefail fails at random
+# when grep exits at the first match and trtexec, still writing, dies of SIGPIPE.
+HELP_TEXT="$("$TRTEXEC" --help 2>&1 || true)"
+case "$HELP_TEXT" in
+  *--stronglyTyped*) ;;
+  *) echo "error: $TRTEXEC has no --stronglyTyped (TensorRT < 10?); JetPack 6 / TensorRT 10+ is needed" >&2
+     exit 1 ;;
+esac
 "$TRTEXEC" --onnx={onnx_name} --saveEngine=model.plan --stronglyTyped \\
   --minShapes={INPUT_NAME}:{lo}x{shape} --optShapes={INPUT_NAME}:{opt}x{shape} \\
   --maxShapes={INPUT_NAME}:{hi}x{shape} "$@"
@@ -410,12 +447,17 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
     if precision is not None and precision not in PRECISIONS:
         raise DeployError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DeployError(f"--out {out} exists and is not a directory")
+    run_dir, report = locate(source, runs, reports)
+    sources = {"run directory": run_dir}
+    if report is not None:
+        sources["report directory"] = Path(report["_path"]).parent
+    _check_out(out, sources)
+    if _within(Path.cwd(), out):
+        raise DeployError(f"--out {out} is the working directory or above it; bundle into a directory of its own")
+    if out.exists() and not out.is_dir() or any(p.is_file() and not p.is_dir() for p in out.parents):
+        raise DeployError(f"--out {out}: {'it' if out.exists() else 'a parent'} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise DeployError(f"--out {out} is not empty; pass --force to replace it")
-
-    run_dir, report = locate(source, runs, reports)
     manifest = _stage_manifest(run_dir, artifact)
     art = manifest["artifact"]
     native = "int8" if art.get("precision") == "int8" else "fp32"
@@ -457,17 +499,22 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by servers running as other users
     try:
+        def inside(dst: Path) -> Path:  # every write is checked to land in the temp bundle, whatever the names
+            if not _within(dst, tmp):
+                raise DeployError(f"refusing to write {dst}: outside the bundle")
+            return dst
+
         home = tmp / artifact if target == "triton" else tmp
         model_dir = home / "1" if target == "triton" else home
-        model_dir.mkdir(parents=True, exist_ok=True)
+        inside(model_dir).mkdir(parents=True, exist_ok=True)
         shipped: dict[str, str] = {}
 
         def ship(src: Path, dst: Path) -> None:
-            shutil.copyfile(src, dst)
+            shutil.copyfile(src, inside(dst))
             shipped[str(dst.relative_to(home))] = sha256_file(dst)
 
         def write(dst: Path, text: str, executable: bool = False) -> None:
-            dst.write_text(text)
+            inside(dst).write_text(text)
             if executable:
                 dst.chmod(0o755)
             shipped[str(dst.relative_to(home))] = sha256_file(dst)
@@ -479,7 +526,7 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
             from compress.trt import fp16_onnx
 
             try:
-                fp16 = fp16_onnx(onnx_path, model_dir / "model_fp16.onnx")
+                fp16 = fp16_onnx(onnx_path, inside(model_dir / "model_fp16.onnx"))
             except ValueError as exc:
                 raise DeployError(f"cannot make the FP16 ONNX: {exc}") from None
             shipped[str(fp16.relative_to(home))] = sha256_file(fp16)
@@ -521,7 +568,7 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         }
         write(home / "README.txt", _readme(target, artifact, bundle, engine_note, deployed))
         bundle["files"] = dict(sorted(shipped.items()))
-        (home / "manifest.json").write_text(json.dumps(bundle, indent=2) + "\n")
+        inside(home / "manifest.json").write_text(json.dumps(bundle, indent=2) + "\n")
         _place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
