@@ -7,7 +7,9 @@ inlined as a data URI), for attaching to an issue or a CI run.
 
 Flags point at numbers that contradict the reason an artifact exists: an INT8 model that is
 not faster than the float model it replaces, on the same runtime at the same batch size
-(on a CPU, ONNX Runtime's QDQ kernels often lose to FP32 on models this small).
+(on a CPU, ONNX Runtime's QDQ kernels often lose to FP32 on models this small), and a pruned
+model not faster than the model it was pruned from (fewer MACs are not fewer milliseconds
+when a run is overhead-bound, or when odd channel counts miss the fast kernels).
 """
 
 from __future__ import annotations
@@ -73,6 +75,28 @@ def int8_flags(rows: list[dict]) -> list[dict]:
                     "message": f"INT8 is not faster than {ref['precision'].upper()} {ref['name']} on "
                                f"{r['runtime']} at batch {b}: p50 {mine:.3f} ms vs {theirs:.3f} ms "
                                f"({mine / max(theirs, 1e-9):.1f}x)",
+                })
+    return flags
+
+
+def pruned_flags(rows: list[dict]) -> list[dict]:
+    """Pruned rows not faster (p50) than their parent on the same runtime and precision, per batch size."""
+    ok = {(r["name"], r["runtime"], r["precision"]): r for r in _ok(rows)}
+    flags = []
+    for r in _ok(rows):
+        ref = ok.get((r.get("parent"), r["runtime"], r["precision"])) if r.get("stage") == "prune" else None
+        if ref is None:
+            continue
+        for b in sorted(set(r["latency_ms"]) & set(ref["latency_ms"]), key=int):
+            mine, theirs = r["latency_ms"][b]["p50"], ref["latency_ms"][b]["p50"]
+            if mine >= theirs:
+                flags.append({
+                    "artifact": r["name"], "runtime": r["runtime"], "batch": int(b), "kind": "pruned_not_faster",
+                    "reference": {"artifact": ref["name"], "precision": ref["precision"]},
+                    "p50_ms": mine, "reference_p50_ms": theirs,
+                    "message": f"pruned, but not faster than {ref['name']} ({ref['precision'].upper()}) on "
+                               f"{r['runtime']} at batch {b}: p50 {mine:.3f} ms vs {theirs:.3f} ms "
+                               f"({mine / max(theirs, 1e-9):.2f}x)",
                 })
     return flags
 
@@ -295,7 +319,7 @@ def run(cfg, ctx, rows: list[dict], *, stage_times: dict, pipeline_path: Path) -
         "wall_seconds": {k: round(v, 2) for k, v in stage_times.items()},
         "stages": stages,
         "artifacts": rows,
-        "flags": int8_flags(rows),
+        "flags": int8_flags(rows) + pruned_flags(rows),
         # where the stage directories are, and what a deployed model must do to an image (`compress deploy`)
         "run_dir": str(ctx.run_dir),
         "data": ctx.data.summary() if ctx.data is not None else None,
