@@ -6,6 +6,9 @@ step)), so a resumed epoch sees the same pixels bit for bit.
 
 * crop and flip: one gather (`random_crop_flip`).
 * rotation: one `affine_grid` + `grid_sample`, bilinear, zero (black) fill (`rotate`).
+* Gaussian blur, Gaussian noise and brightness/contrast jitter, the usual photometric steps for
+  thin-stroke and sketch-like images: a per-image separable depthwise convolution
+  (`gaussian_blur`), an add (`add_noise`) and a blend (`brightness_contrast`).
 * random erasing, Zhong et al. (AAAI 2020), "Random Erasing Data Augmentation": one box per
   image, as a broadcast row-and-column mask (`erasing_boxes`, `erase`).
 * mixup, Zhang et al. (ICLR 2018), "mixup: Beyond Empirical Risk Minimization", and CutMix,
@@ -95,6 +98,48 @@ def erase(x: Tensor, boxes: Tensor, apply: Tensor, value: Tensor | float = 0.0) 
     in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])               # (B, W)
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None])[:, None]   # (B, 1, H, W)
     return torch.where(mask, torch.as_tensor(value, dtype=x.dtype, device=x.device), x)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Blur each image with its own Gaussian of std `sigma` (B,) pixels; sigma 0 leaves it as it was.
+
+    Separable: one horizontal and one vertical depthwise convolution over all images at once
+    (each image-channel is its own group, so every image gets its own kernel), reflect-padded
+    so the borders do not darken. The kernel spans 3 sigma of the widest one in the batch.
+    """
+    b, c, h, w = x.shape
+    x = x.float()
+    smax = float(sigma.max()) if sigma.numel() else 0.0
+    if smax <= 0:
+        return x
+    radius = max(1, min(math.ceil(3 * smax), (min(h, w) - 1)))
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    s = sigma.to(device=x.device, dtype=torch.float32).clamp(min=1e-6)[:, None]
+    k = torch.exp(-0.5 * (taps[None] / s) ** 2)
+    k = torch.where(sigma.to(x.device)[:, None] > 0, k, (taps[None] == 0).float())   # sigma 0: the identity
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)                          # (B*C, 2r+1)
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def add_noise(x: Tensor, std: Tensor, noise: Tensor) -> Tensor:
+    """x + std (B,) * noise (N(0, 1), shaped like x), clamped to the pixel range [0, 255]; std 0: unchanged."""
+    return (x.float() + std.to(x.device, torch.float32)[:, None, None, None] * noise).clamp(0, 255)
+
+
+def brightness_contrast(x: Tensor, brightness: Tensor, contrast: Tensor) -> Tensor:
+    """Per image: scale contrast about the image's mean grey, then brightness; factors (B,), 1 is the identity.
+
+    As torchvision's ColorJitter does (contrast blends with the mean of the grey image, brightness
+    blends with black), on pixel values in [0, 255], clamped to it.
+    """
+    x = x.float()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    c = contrast.to(x.device, torch.float32)[:, None, None, None]
+    bri = brightness.to(x.device, torch.float32)[:, None, None, None]
+    return ((x - mean) * c + mean).mul(bri).clamp(0, 255)
 
 
 def cutmix_box(lam: float, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:

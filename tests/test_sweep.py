@@ -1,0 +1,203 @@
+"""compress sweep: objectives, the space, resume after a kill, the combined report, bad input, one real sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compress import sweep as sw
+
+ROOT = Path(__file__).parents[1]
+
+TINY_PIPELINE = """\
+name: tiny-sweep
+seed: 0
+data:
+  dataset: synthetic
+  synthetic: {num_train: 192, num_test: 64, num_classes: 3, image_size: 12, channels: 1}
+  batch_size: 32
+  val_size: 64
+stages:
+  teacher: {type: train, model: resnet8, epochs: 1, lr: 0.05}
+  int8:    {type: quantize, from: teacher, method: ptq, calibration_size: 16}
+export: {parity_images: 16}
+benchmark: {runtimes: [onnxruntime], batch_sizes: [1], warmup: 1, iters: 3}
+"""
+
+
+def _files(tmp_path: Path, sweep_body: str) -> Path:
+    (tmp_path / "pipe.yaml").write_text(TINY_PIPELINE)
+    f = tmp_path / "sweep.yaml"
+    f.write_text(sweep_body)
+    return f
+
+
+def _row(name, acc, p50, status="ok", precision="fp32"):
+    return {"name": name, "runtime": "onnxruntime", "precision": precision, "status": status, "accuracy": acc,
+            "latency_ms": {"1": {"p50": p50}}, "throughput_ips": {"1": 1000 / p50}, "size_bytes": 1000, "macs": 10}
+
+
+# ----------------------------------------------------------------------------- objectives
+
+def test_objective_parses_and_picks_the_feasible_best():
+    obj = sw.parse_objective("max accuracy s.t. latency_p50@1<0.3ms", [1, 64])
+    rows = [_row("a", 91.0, 0.5), _row("b", 90.0, 0.2), _row("c", 89.0, 0.1), _row("d", 99.0, 0.1, status="failed")]
+    assert obj.best(rows)["name"] == "b"
+    assert sw.parse_objective("min latency_p50@1 s.t. accuracy>=89.5", [1]).best(rows)["name"] == "b"
+    assert sw.parse_objective("max accuracy s.t. latency_p50@1<100us", [1]).best(rows) is None
+    assert sw.parse_objective("max accuracy", [1]).best(rows)["name"] == "a"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("max top1", "unknown column 'top1'"),
+    ("max accuracy s.t. latency_p50@8<1ms", "batch 8 is not benchmarked"),
+    ("max accuracy s.t. latency_p50<1ms", "needs a batch size"),
+    ("biggest accuracy", "expected 'max|min COLUMN"),
+    ("max accuracy s.t. latency_p50@1<<1", "cannot read the constraint"),
+    ("max accuracy s.t. latency_p50@1<1parsec", "unknown unit"),
+    ("max accuracy s.t. latency_p50@1<1e999ms", "must be finite"),
+])
+def test_bad_objectives_name_the_problem(text, needle):
+    with pytest.raises(sw.SweepError, match=None) as exc:
+        sw.parse_objective(text, [1, 64])
+    assert needle in str(exc.value)
+
+
+def test_mapping_choices_expand_to_several_overrides_and_grid_varies_last_axis_fastest():
+    space = {"stages.p.target_macs": [0.3, 0.5], "stages.q": [{"backend": "nncf"}, {"backend": "onnxruntime",
+                                                                                   "calibrate_method": "percentile"}]}
+    points = sw.grid(space)
+    assert [p["stages.p.target_macs"] for p in points] == [0.3, 0.3, 0.5, 0.5]
+    assert sw.overrides(points[1]) == ['stages.p.target_macs=0.3', 'stages.q.backend="onnxruntime"',
+                                       'stages.q.calibrate_method="percentile"']
+
+
+# ----------------------------------------------------------------------------- running (stand-in trials)
+
+class FakeRunner:
+    """Stands in for `compress run`: accuracy and latency follow the prune target; can be made to die."""
+
+    def __init__(self, die_at: int | None = None):
+        self.calls, self.die_at = [], die_at
+
+    def __call__(self, pipeline, sets, run_root, report_root, log):
+        self.calls.append(sets)
+        if self.die_at is not None and len(self.calls) == self.die_at:
+            raise KeyboardInterrupt("killed")
+        t = float(sets[0].split("=")[1]) / 10
+        if "percentile" in " ".join(sets):
+            raise RuntimeError("compress run exited 2: boom")
+        return [_row("int8", 80 + 20 * t, 0.1 + t, precision="int8")]
+
+
+SPACE = """\
+pipeline: pipe.yaml
+space:
+  stages.int8.calibration_size: [2, 5, 8]
+  stages.int8: [{backend: nncf}, {backend: onnxruntime, calibrate_method: percentile}]
+objectives: [max accuracy, "max accuracy s.t. latency_p50@1<0.7ms"]
+"""
+
+
+def test_killed_sweep_resumes_without_repeating_finished_trials_and_reports(tmp_path):
+    cfg, pipeline, pcfg = sw.load(_files(tmp_path, SPACE))
+    out = tmp_path / "out"
+    dying = FakeRunner(die_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        sw.Sweep(cfg, pipeline, pcfg, out, runner=dying, echo=lambda m: None).run()
+    assert len((out / sw.LEDGER).read_text().splitlines()) == 3
+    with open(out / sw.LEDGER, "a") as fh:      # a line cut by the kill mid-write is skipped, not fatal
+        fh.write('{"index": 9, "par')
+    again = FakeRunner()
+    trials = sw.Sweep(cfg, pipeline, pcfg, out, runner=again, echo=lambda m: None).run()
+    assert len(again.calls) == 3 and dying.calls[:3] == [c for c in dying.calls[:3]]
+    assert not any(c in dying.calls[:3] for c in again.calls)
+    assert [t.index for t in trials] == list(range(6))
+    assert [t.status for t in trials] == ["ok", "failed"] * 3
+    result = sw.combined_report(trials, [sw.parse_objective(o, [1]) for o in cfg.objectives], cfg, pipeline,
+                                out, 1)
+    assert result["best"][0]["trial"] == 4 and result["best"][1]["trial"] == 2
+    assert {p["trial"] for p in result["pareto"]} == {0, 2, 4}   # each faster one is also less accurate
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "sweep.md").read_text()
+    assert "boom" not in md and "| 4 |" in md
+
+
+def test_time_budget_stops_before_the_next_trial(tmp_path):
+    body = SPACE + "time_budget_s: 0.000001\n"
+    cfg, pipeline, pcfg = sw.load(_files(tmp_path, body))
+    runner = FakeRunner()
+    sw.Sweep(cfg, pipeline, pcfg, tmp_path / "o", runner=runner, echo=lambda m: None).run()
+    assert len(runner.calls) == 1
+
+
+def test_random_sampler_is_seeded_and_never_repeats_a_point(tmp_path):
+    cfg, pipeline, pcfg = sw.load(_files(tmp_path, SPACE + "sampler: random\ntrials: 5\nseed: 3\n"))
+    a = sw.Sweep(cfg, pipeline, pcfg, tmp_path / "a").plan()
+    assert a == sw.Sweep(cfg, pipeline, pcfg, tmp_path / "b").plan()
+    assert len({json.dumps(p, sort_keys=True) for p in a}) == 5
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2, nothing run
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("pipeline: pipe.yaml\nspace: {stages.teacher.epoch: [1, 2]}\n", "did you mean 'epochs'"),
+    ("pipeline: pipe.yaml\nspace: {}\n", "search space is empty"),
+    ("pipeline: pipe.yaml\nspace: {stages.teacher.epochs: []}\n", "no choices"),
+    ("pipeline: pipe.yaml\nspace: {stages.teacher.epochs: [1]}\nobjectives: ['max top5']\n", "unknown column"),
+    ("pipeline: pipe.yaml\nspace: {stages.teacher.epochs: [1]}\nsampler: bayes\n", "sampler"),
+    ("pipeline: pipe.yaml\nspace: {stages.teacher.epochs: [1]}\ntrails: 3\n", "did you mean 'trials'"),
+    ("pipeline: nope.yaml\nspace: {stages.teacher.epochs: [1]}\n", "no such pipeline file"),
+    ("pipeline: pipe.yaml\nspace: {stages.teacher.epochs: [0]}\n", "epochs"),
+    ("space: {a: [1]}\npipeline: p\nspace: {b: [2]}\n", "duplicate key"),
+])
+def test_bad_sweeps_fail_in_one_line_before_any_trial(tmp_path, body, needle):
+    f = _files(tmp_path, body)
+    r = _cli("sweep", str(f), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_tpe_without_optuna_is_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_optuna(name, *a, **k):
+        if name == "optuna":
+            raise ImportError("no optuna")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    with pytest.raises(sw.SweepError, match=r"tpe needs optuna.*pip install -e '\.\[sweep\]'"):
+        sw.load(_files(tmp_path, "pipeline: pipe.yaml\nspace: {stages.teacher.epochs: [1]}\nsampler: tpe\n"))
+
+
+# ----------------------------------------------------------------------------- one real sweep
+
+@pytest.mark.slow
+def test_real_sweep_reuses_the_teacher_and_writes_a_combined_report(tmp_path):
+    f = _files(tmp_path, "pipeline: pipe.yaml\nspace: {stages.int8.calibration_size: [8, 32]}\n"
+                         "objectives: ['max accuracy', 'min latency_p50@1']\n")
+    r = _cli("sweep", str(f), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    result = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [t["status"] for t in result["trials"]] == ["ok", "ok"]
+    logs = [(tmp_path / "out" / "trials" / f"{i:04d}" / "run.log").read_text() for i in (0, 1)]
+    # trial 1 changed only the quantize stage: the teacher came from trial 0's run
+    teacher_ckpt = tmp_path / "out" / "runs" / "slot-0" / "tiny-sweep" / "teacher" / "model.pt"
+    assert teacher_ckpt.is_file()
+    assert "cached" in logs[1].lower() or "skip" in logs[1].lower() or "reuse" in logs[1].lower(), logs[1][-2000:]
+    accs = {(t["index"], r["name"]) for t in result["trials"] for r in t["rows"] if r["accuracy"] is not None}
+    assert {(0, "int8"), (1, "int8"), (0, "teacher")} <= accs
+    assert "best for 'max accuracy'" in r.stdout and (tmp_path / "out" / "pareto.png").is_file()
