@@ -99,7 +99,7 @@ class ShuffleNetV2(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
     def pruning_ignored_layers(self) -> list[nn.Module]:
-        """Read by ``compress.stages.prune``: the layers whose channels cross a shuffle."""
+        """Read by ``compress.prune``: the layers whose channels cross a shuffle."""
         layers = []
         for i, unit in enumerate(self.units):
             layers.append(unit.branch2[2][0])          # its output is shuffled

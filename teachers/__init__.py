@@ -3,4 +3,4 @@
 Importing this package registers every family with ``compress.registry``.
 """
 
-from teachers import resnet  # noqa: F401  (registers resnet8 ... resnet50)
+from teachers import resnet, tv_resnet  # noqa: F401  (registers resnet8 ... resnet50_cifar; resnet18/34/50)

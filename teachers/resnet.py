@@ -6,9 +6,10 @@ Two flavours, both sized for small images (Fashion-MNIST 28x28, CIFAR 32x32):
   channels, ``n`` basic blocks each, depth ``6n + 2``. Shortcuts that change shape use a 1x1
   convolution (the paper's option B) rather than zero-padding, so every channel is a real
   layer that torch-pruning can follow.
-* ``resnet18/34/50`` are the ImageNet networks with the stem shrunk for small inputs: a 3x3
+* ``resnet18/34/50_cifar`` are the ImageNet networks with the stem shrunk for small inputs: a 3x3
   stride-1 convolution and no max-pool (the usual CIFAR adaptation), so a 32 px input ends
-  in a 4x4 feature map instead of vanishing.
+  in a 4x4 feature map instead of vanishing. (The ImageNet-resolution ``resnet18/34/50``,
+  keyed like torchvision's, are in teachers/tv_resnet.py.)
 
 Global average pooling makes every model work on any input of 8 px or more.
 """
@@ -119,15 +120,15 @@ def resnet56(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module
 
 
 @register_model
-def resnet18(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels, **kwargs)
 
 
 @register_model
-def resnet34(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+def resnet34_cifar(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     return ResNet(BasicBlock, [3, 4, 6, 3], [64, 128, 256, 512], num_classes, in_channels, **kwargs)
 
 
 @register_model
-def resnet50(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+def resnet50_cifar(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     return ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], num_classes, in_channels, **kwargs)

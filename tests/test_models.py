@@ -16,7 +16,9 @@ MODELS = list_models()
 
 
 def test_zoo_is_registered():
-    for name in ("resnet8", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50",
+    for name in ("resnet8", "resnet20", "resnet32", "resnet56", "resnet18_cifar", "resnet34_cifar", "resnet50_cifar",
+                 "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                 "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
                  "mobilenetv2_x0_35", "mobilenetv2_x0_5", "mobilenetv2_x0_75", "mobilenetv2_x1_0",
                  "mobilenetv3_small", "mobilenetv3_large",
                  "shufflenetv2_x0_5", "shufflenetv2_x1_0", "shufflenetv2_x1_5", "shufflenetv2_x2_0"):

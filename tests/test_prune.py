@@ -14,9 +14,9 @@ from torch import nn
 
 from compress.io import load_model, save_model
 from compress.registry import count_macs, create_model
-from compress.stages.prune import bn_l1, prune_model
+from compress.prune import bn_l1, prune_model
 
-FAMILIES = ["resnet20", "resnet18", "mobilenetv2_x0_5", "mobilenetv3_small", "shufflenetv2_x0_5"]
+FAMILIES = ["resnet20", "resnet18_cifar", "mobilenetv2_x0_5", "mobilenetv3_small", "shufflenetv2_x0_5"]
 ROUND_TO = 8
 
 
@@ -181,7 +181,7 @@ def test_model_without_fc_keeps_its_classifier():
 
 
 CRITERIA = ["taylor", "bn_scale"]
-SMALL_FAMILIES = ["resnet8", "resnet18", "mobilenetv2_x0_5", "mobilenetv3_small", "shufflenetv2_x0_5"]
+SMALL_FAMILIES = ["resnet8", "resnet18_cifar", "mobilenetv2_x0_5", "mobilenetv3_small", "shufflenetv2_x0_5"]
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -329,7 +329,7 @@ def test_unreachable_latency_raises():
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_latency_probe_times_the_model(runtime):
-    from compress.stages.prune import latency_probe
+    from compress.prune import latency_probe
 
     model = _resnet8().train()
     ms = latency_probe(runtime, (1, 16, 16), warmup=1, iters=3)(model)
