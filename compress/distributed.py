@@ -1,4 +1,4 @@
-"""Several processes, one pipeline: PyTorch DDP under `torchrun` (or `compress run --nproc N`).
+"""Several processes, one pipeline: PyTorch DDP under `torchrun` (or `compress run --nproc N`), on one node or several.
 
 Every process runs the pipeline runner. Stages that train (train, distill, the fine-tune after
 prune) run in all of them: `training.fit` wraps the model in DistributedDataParallel and each
@@ -23,11 +23,18 @@ import torch.distributed as dist
 _training = False   # True inside `training_stage()`: fit() may wrap the model in DDP
 
 
-def launch(nproc: int, args: list[str]) -> int:
+def launch(nproc: int, args: list[str], *, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+           rdzv_backend: str = "static", rdzv_id: str = "none") -> int:
     """Run `compress ARGS` in `nproc` processes the way torchrun does; 0, or the first failed worker's exit code.
 
     The workers inherit this terminal (progress bars and the one-line errors are theirs); a
     failed worker makes the launcher stop the others.
+
+    Several nodes (`nnodes` > 1): every node runs this with the same `rdzv_endpoint` (HOST:PORT on
+    node 0) and its own `node_rank`, as `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT`
+    does. The default backend is torchrun's, "static": node R's processes get global ranks
+    R * nproc ..., so rank 0 (the one that writes the run directory and report) is on node 0.
+    "c10d" lets nodes join in any order and assigns node ranks itself.
     """
     import logging
     import sys
@@ -38,9 +45,15 @@ def launch(nproc: int, args: list[str]) -> int:
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5)
+    if nnodes == 1 and rdzv_endpoint is None:  # one node: a private rendezvous on a free local port
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              monitor_interval=0.5)
+    else:
+        config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc, run_id=rdzv_id,
+                              rdzv_backend=rdzv_backend, rdzv_endpoint=rdzv_endpoint or "localhost:29400",
+                              rdzv_configs={"rank": node_rank} if rdzv_backend == "static" else {},
+                              max_restarts=0, monitor_interval=0.5)
     os.environ["OMP_NUM_THREADS"] = threads  # torchrun's default is 1; share the cores out instead
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "compress", *args)

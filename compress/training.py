@@ -392,11 +392,13 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
             t0 = time.perf_counter() - prog.epoch_seconds
             rolled_back = False
             # The order is a function of (seed, epoch): a resumed epoch skips the steps already done.
-            batches = itertools.islice(data.train_batches(epoch, batch_size), prog.step, None)
+            # Under DDP each process reads only its slice of a batch (all of it when mixing pairs images across slices).
+            shard = (rank, world) if ddp and mix is None else None
+            batches = itertools.islice(data.train_batches(epoch, batch_size, shard=shard), prog.step, None)
             for step, (x, y) in enumerate(batches, start=prog.step):
                 if mix is not None:  # y becomes (B, K) mixed targets; the teachers see the mixed images too
                     x, y = mix(x, y, epoch, step)
-                if ddp:  # this process's slice; the slices of all processes make up the batch
+                if ddp and shard is None:  # this process's slice; the slices of all processes make up the batch
                     x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -103,7 +103,7 @@ class DiskRows:
         return {**self.__dict__, "_fd": None, "_pid": -1}
 
     def __del__(self):
-        if self._fd is not None and self._pid == os.getpid():
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
             os.close(self._fd)
 
     def __getitem__(self, index) -> "DiskRows | torch.Tensor":
