@@ -9,6 +9,7 @@ quantize chain. `load(path, overrides)` returns a validated `PipelineConfig` or 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union, get_args
@@ -19,8 +20,39 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 
 
+MAX_INT = 2**31 - 1   # larger counts, sizes and seeds overflow torch/numpy later, or never finish
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # pipeline and stage names: directory names, Triton model names
+MAX_NAME = 64
+
+
+def _takes_bool(annotation) -> bool:
+    return annotation is bool or any(_takes_bool(a) for a in get_args(annotation))
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN or infinity anywhere: a non-finite lr, temperature or weight decay only shows up as NaN weights later.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data):
+        """YAML's true/false are not 1/0, and an int beyond MAX_INT is a typo, not a setting.
+        (A model validator: pydantic allows no field validator on a union's `type` tag. The error
+        starts with the field's name; `load` moves it into the location.)"""
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            key = field.alias or name
+            if key not in data:
+                continue
+            value = data[key]
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, bool) and not _takes_bool(field.annotation):
+                    raise ValueError(f"{key}: expected a number, got the boolean {str(item).lower()}")
+                if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INT:
+                    raise ValueError(f"{key}: {item if len(str(item)) <= 20 else str(item)[:19] + '…'} is too "
+                                     f"large (at most {MAX_INT})")
+        return data
 
 
 def _omit_at_default(model: BaseModel, dumped: dict, names: tuple[str, ...]) -> dict:
@@ -47,23 +79,67 @@ class AugmentConfig(Strict):
         "zero", description="random erasing fills the box with zero (after normalization: the dataset mean) or "
                             "random (per-pixel N(0, 1) noise)")
 
+    blur: float = Field(0.0, ge=0, le=1, description="Gaussian blur: probability that an image is blurred (0: off)")
+    blur_sigma: tuple[Annotated[float, Field(gt=0, le=20)], Annotated[float, Field(gt=0, le=20)]] = Field(
+        (0.1, 1.0), description="Gaussian blur: [min, max] std in pixels, drawn uniformly per image (the strength)")
+    noise: float = Field(0.0, ge=0, le=1, description="Gaussian noise: probability that an image gets noise (0: off)")
+    noise_std: float = Field(8.0, ge=0, le=255, description="Gaussian noise: std in grey levels of 0-255 (the "
+                                                             "strength; 0: none)")
+    brightness: float = Field(0.0, ge=0, lt=1, description="brightness jitter: factor drawn from [1-b, 1+b] per "
+                                                           "image (0: off)")
+    contrast: float = Field(0.0, ge=0, lt=1, description="contrast jitter: factor drawn from [1-c, 1+c] per image, "
+                                                         "about the image's mean grey (0: off)")
+    order: list[Literal["crop_flip", "rotation", "jitter", "blur", "noise"]] = Field(
+        ["crop_flip", "rotation", "jitter", "blur", "noise"], description=(
+            "the order of the pixel-space steps, each named once; normalization, then random erasing, come after"))
+
     @model_validator(mode="after")
     def _area_range(self):
         if self.erasing_area[0] > self.erasing_area[1]:
             raise ValueError(f"erasing_area {list(self.erasing_area)}: min is above max")
+        if self.blur_sigma[0] > self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma {list(self.blur_sigma)}: min is above max")
+        steps = ["crop_flip", "rotation", "jitter", "blur", "noise"]
+        if sorted(self.order) != sorted(steps):
+            raise ValueError(f"order {self.order}: name each of {', '.join(steps)} exactly once")
         return self
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        return _omit_at_default(self, handler(self), ("rotation", "erasing", "erasing_area", "erasing_value"))
+        return _omit_at_default(self, handler(self), ("rotation", "erasing", "erasing_area", "erasing_value", "blur",
+                                                      "blur_sigma", "noise", "noise_std", "brightness", "contrast",
+                                                      "order"))
+
+
+MAX_IMAGE_SIZE, MAX_CHANNELS = 4096, 64
+
+
+def _physical_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class SyntheticConfig(Strict):
     num_train: int = Field(512, ge=2)
     num_test: int = Field(128, ge=1)
     num_classes: int = Field(4, ge=2)
-    image_size: int = Field(16, ge=4)
-    channels: int = Field(1, ge=1)
+    image_size: int = Field(16, ge=4, le=MAX_IMAGE_SIZE)
+    channels: int = Field(1, ge=1, le=MAX_CHANNELS)
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self):
+        need = (self.num_train + self.num_test) * self.channels * self.image_size ** 2  # uint8 images
+        have = _physical_memory()
+        if have is not None and need > have // 2:
+            raise ValueError(f"{need / 2**30:.1f} GiB of images (num_train + num_test) x channels x image_size^2 "
+                             f"do not fit in this machine's {have / 2**30:.1f} GiB of memory")
+        if self.num_classes > self.num_train:
+            raise ValueError(f"num_classes {self.num_classes} is more than num_train {self.num_train} images")
+        return self
 
 
 class DataConfig(Strict):
@@ -71,7 +147,7 @@ class DataConfig(Strict):
     root: Path | None = Field(None, description="dataset directory (fashion-mnist: the IDX files; imagefolder: "
                                                 "train/ and test/ of class subfolders)")
     download: bool = Field(True, description="fashion-mnist: download to ~/.cache/compress when not found")
-    image_size: int | None = Field(None, ge=4, description="imagefolder: resize images to this square size")
+    image_size: int | None = Field(None, ge=4, le=MAX_IMAGE_SIZE, description="imagefolder: resize images to this square size")
     batch_size: int = Field(256, ge=1)
     eval_batch_size: int = Field(1024, ge=1)
     val_size: int = Field(5000, ge=0, description="images held out of train for validation (fixed seed)")
@@ -397,7 +473,7 @@ Stage = Annotated[Union[tuple(row.config for row in STAGE_TYPES.values())], Fiel
 # ----------------------------------------------------------------------------- the rest
 
 class ExportConfig(Strict):
-    opset: int = Field(17, ge=13)
+    opset: int = Field(17, ge=13, le=20)  # 20: the newest torch's TorchScript exporter (onnx_export) writes
     parity_images: int = Field(256, ge=1, description="test images used to check ONNX against PyTorch")
 
 
@@ -416,7 +492,7 @@ class EngineConfig(Strict):
 
 
 class BenchmarkConfig(Strict):
-    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["torch", "onnxruntime", "tensorrt"]
+    runtimes: list[Literal["torch", "onnxruntime", "openvino", "tensorrt"]] = ["torch", "onnxruntime", "tensorrt"]
     batch_sizes: list[Annotated[int, Field(ge=1)]] = [1, 64]
     warmup: int = Field(10, ge=0)
     iters: int = Field(50, ge=1)
@@ -443,7 +519,7 @@ class TrackingConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(max_length=MAX_NAME, pattern=NAME_PATTERN)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()
@@ -460,9 +536,13 @@ class PipelineConfig(Strict):
     def _names(cls, stages: dict) -> dict:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
+        import re
+
         for name in stages:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"stage name {name!r} must be a plain name (no '/', no leading '.')")
+            if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name) or len(name) > MAX_NAME:
+                shown = str(name) if len(str(name)) <= 40 else str(name)[:39] + "\u2026"
+                raise ValueError(f"stage name {shown!r} must be a plain name: letters, digits, '_', '.', '-', "
+                                 f"not starting with '.', '_' or '-', at most {MAX_NAME} characters")
         return stages
 
     def inputs(self, stage_name: str) -> list[str]:
@@ -556,19 +636,19 @@ def _describe(err: dict, loc: tuple) -> str:
             valid = [f.alias or n for n, f in model.model_fields.items()]
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-            return f"unknown key {str(loc[-1])!r}{hint}"
-        return f"unknown key {str(loc[-1])!r}"
+            return f"unknown key {shorten(str(loc[-1]))}{hint}"
+        return f"unknown key {shorten(str(loc[-1]))}"
     if kind == "missing":
         return "required field is missing"
     if kind == "union_tag_invalid":
-        return f"unknown stage type {given.get('type')!r}; expected one of: {', '.join(STAGE_TYPES)}"
+        return f"unknown stage type {shorten(given.get('type'))}; expected one of: {', '.join(STAGE_TYPES)}"
     if kind == "union_tag_not_found":
         return f"stage has no 'type'; expected one of: {', '.join(STAGE_TYPES)}"
     if kind == "literal_error":
-        return f"{msg.replace('Input should be', 'expected')}, got {given!r}"
+        return f"{msg.replace('Input should be', 'expected')}, got {shorten(given)}"
     msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
     if given is not None and not isinstance(given, (dict, list)):
-        msg += f", got {given!r}"
+        msg += f", got {shorten(given)}"
     return msg
 
 
@@ -637,11 +717,27 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = _clean_loc(err["loc"])
+        moved = re.match(r"Value error, ([A-Za-z_]+): ", err["msg"])  # a model validator naming its field
+        if moved and isinstance(err.get("input"), dict) and moved.group(1) in err["input"]:
+            loc += (moved.group(1),)
+            err = {**err, "msg": "Value error, " + err["msg"][moved.end():], "input": None}
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{_where(str(path), root, loc, overridden)}: {'.'.join(map(str, loc)) or '<top>'}: "
                           f"{_describe(err, loc)}{more}") from None
     _check_graph(cfg, str(path), root, overridden)
+    if cfg.device == "cuda":  # what `run` would refuse first; validate refuses it too
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{_where(str(path), root, ('device',), overridden)}: device: cuda, but torch sees "
+                              f"no CUDA GPU on this machine; use device: auto or cpu")
     return cfg
+
+
+def shorten(value: Any, limit: int = 60) -> str:
+    """repr(value), at most `limit` characters: a value echoed in an error never floods the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> None:

@@ -142,6 +142,20 @@ def test_random_sampler_is_seeded_and_never_repeats_a_point(tmp_path):
     assert len({json.dumps(p, sort_keys=True) for p in a}) == 5
 
 
+def test_tpe_proposes_points_of_the_space_and_resumes_from_the_ledger(tmp_path):
+    pytest.importorskip("optuna")
+    cfg, pipeline, pcfg = sw.load(_files(tmp_path, SPACE.replace("calibration_size: [2, 5, 8]",
+                                                                 "calibration_size: [1, 2, 3, 4, 5, 6, 7, 8]")
+                                         + "sampler: tpe\ntrials: 4\n"))
+    first = FakeRunner()
+    trials = sw.Sweep(cfg, pipeline, pcfg, tmp_path / "o", runner=first, echo=lambda m: None).run()
+    assert len(trials) == 4 and len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4
+    more = sw.SweepConfig.model_validate({**cfg.model_dump(), "trials": 6})
+    second = FakeRunner()
+    trials = sw.Sweep(more, pipeline, pcfg, tmp_path / "o", runner=second, echo=lambda m: None).run()
+    assert len(second.calls) == 2 and len(trials) == 6
+
+
 # ----------------------------------------------------------------------------- bad input: one line, exit 2, nothing run
 
 def _cli(*args, cwd):

@@ -25,11 +25,13 @@ import torch
 from torch import Tensor
 
 from compress.config import DataConfig
-from compress.data.augment import ERASE_RATIO, erase, erasing_boxes, random_crop_flip, rotate
+from compress.data.augment import (ERASE_RATIO, add_noise, brightness_contrast, erase, erasing_boxes, gaussian_blur,
+                                    random_crop_flip, rotate)
 from compress.data.rows import DiskRows
 
 SPLITS = ("train", "val", "test")
 ERASE_SALT = 0x657261      # the per-step generator of random erasing's noise
+NOISE_SALT = 0x6E6F69      # the per-step generator of Gaussian noise (augment.noise)
 SPLIT_SEED = 0         # val hold-out (and imagefolder's test hold-out when there is no test/)
 CALIBRATION_SEED = 1   # which train images calibrate quantization
 
@@ -253,6 +255,17 @@ class DataModule:
         # Drawn after the draws above, and only when on: switching them on leaves crops and flips as they were.
         degrees = (2 * torch.rand(n, generator=g) - 1) * aug.rotation if augment and aug.rotation else None
         erasing = augment and aug.erasing > 0
+        # The photometric steps draw after everything above, each only when on: switching one on leaves the
+        # crops, flips, rotations and erasing boxes of the same (seed, epoch) as they were.
+        bright = contrast = sigma = noise_std = None
+        if augment and (aug.brightness or aug.contrast):
+            bright = 1 + aug.brightness * (2 * torch.rand(n, generator=g) - 1)
+            contrast = 1 + aug.contrast * (2 * torch.rand(n, generator=g) - 1)
+        if augment and aug.blur:
+            lo, hi = aug.blur_sigma
+            sigma = torch.where(torch.rand(n, generator=g) < aug.blur, lo + (hi - lo) * torch.rand(n, generator=g), 0.0)
+        if augment and aug.noise and aug.noise_std:
+            noise_std = torch.where(torch.rand(n, generator=g) < aug.noise, float(aug.noise_std), 0.0)
         if erasing:
             h, w = self.image_size
             lo, hi = aug.erasing_area
@@ -262,6 +275,7 @@ class DataModule:
             boxes = erasing_boxes(area, log_ratio, torch.rand(2, n, generator=g, dtype=torch.float64), h, w)
         to_device = lambda t: t.to(self.device, non_blocking=True) if t is not None else None  # noqa: E731
         order, offsets, flips, degrees = map(to_device, (order, offsets, flips, degrees))
+        bright, contrast, sigma, noise_std = map(to_device, (bright, contrast, sigma, noise_std))
         if erasing:
             erase_on, boxes = to_device(erase_on), to_device(boxes)
 
@@ -275,10 +289,18 @@ class DataModule:
         for step, pos in enumerate(positions):
             idx = order[pos]
             xb = x[idx] if gathered is None else next(gathered).to(self.device, non_blocking=True)
-            if pad or flip:
-                xb = random_crop_flip(xb, pad, offsets[0, pos], offsets[1, pos], flips[pos] if flip else None)
-            if degrees is not None:
-                xb = rotate(xb, degrees[pos])
+            for name in aug.order:    # the pixel-space steps, in the YAML's order (uint8 until one makes floats)
+                if name == "crop_flip" and (pad or flip):
+                    xb = random_crop_flip(xb, pad, offsets[0, pos], offsets[1, pos], flips[pos] if flip else None)
+                elif name == "rotation" and degrees is not None:
+                    xb = rotate(xb, degrees[pos])
+                elif name == "jitter" and bright is not None:
+                    xb = brightness_contrast(xb, bright[pos], contrast[pos])
+                elif name == "blur" and sigma is not None:
+                    xb = gaussian_blur(xb, sigma[pos])
+                elif name == "noise" and noise_std is not None:
+                    gen = seeded_generator(self.seed, epoch, step, NOISE_SALT, device=self.device)
+                    xb = add_noise(xb, noise_std[pos], torch.randn(xb.shape, generator=gen, device=self.device))
             xb = self.normalize(xb)
             if erasing:
                 value = 0.0
