@@ -19,8 +19,8 @@ import ipaddress
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from compress.serve.bundle import Bundle, BundleError, ImageError, load_bundle
 

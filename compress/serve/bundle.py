@@ -65,7 +65,7 @@ class Preprocess:
         return MODES[self.channels]
 
     @classmethod
-    def from_manifest(cls, pre: object, where: str) -> "Preprocess":
+    def from_manifest(cls, pre: object, where: str) -> Preprocess:
         if not isinstance(pre, dict):
             raise BundleError(f"{where}: 'preprocess' is missing or not an object")
         try:

@@ -39,7 +39,7 @@ class Workers:
         for _ in range(workers):
             try:
                 session = ort.InferenceSession(str(bundle.model_path), sess_options=opts, providers=providers)
-            except Exception as exc:   # ORT raises its own exception types for a broken model
+            except Exception as exc:  # noqa: BLE001 (ORT raises its own exception types for a broken model)
                 raise BundleError(f"{bundle.model_path}: ONNX Runtime cannot load it "
                                   f"({' '.join(str(exc).split())[:160]})") from None
             self._sessions.put(session)
@@ -63,7 +63,7 @@ class Workers:
         try:
             for _ in range(workers):
                 self._run(zeros)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (whatever ORT raises, the bundle is not servable)
             raise BundleError(f"{bundle.model_path}: the model fails on a blank input "
                               f"({' '.join(str(exc).split())[:160]})") from None
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="serve-worker")
