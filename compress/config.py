@@ -184,7 +184,13 @@ class OptimConfig(Strict):
                                                          "quarter of the steps)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy against (1 - s) * target + s / "
                                                                  "classes; with mixup/cutmix, of the mixed target")
-    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported); ignored on CPU")
+    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported); on CPU, false keeps "
+                                        "bf16 out of cpu_fast_path: auto")
+    cpu_fast_path: Literal["auto", "off", "channels_last", "bf16", "bf16_channels_last"] = Field(
+        "auto", description="on CPU: channels-last memory and/or bf16 autocast for training, the teachers' forward "
+                            "and evaluation; auto: what a short timed probe finds fastest for this model on this "
+                            "machine (cached; bf16 only where the CPU has it natively: AMX / AVX-512 BF16); off: "
+                            "fp32 as before (compress.fastpath)")
     batch_size: int | None = Field(None, ge=1, description="overrides data.batch_size for this stage")
     compile: bool = Field(False, description="torch.compile the model being trained (faster steps on CUDA after "
                                              "a compile of tens of seconds; needs a C++ compiler on CPU)")
@@ -200,10 +206,16 @@ class OptimConfig(Strict):
                                     "average of the weights, decay min(d, (1 + n) / (10 + n)) at update n "
                                     "(e.g. 0.999; null: off)")
 
+    @model_validator(mode="after")
+    def _bf16_needs_amp(self):
+        if not self.amp and self.cpu_fast_path.startswith("bf16"):
+            raise ValueError(f"cpu_fast_path {self.cpu_fast_path} is mixed precision, but amp is false")
+        return self
+
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         return _omit_at_default(self, handler(self), ("mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob",
-                                                      "ema_decay", "compile"))
+                                                      "ema_decay", "compile", "cpu_fast_path"))
 
 
 # Distillation (distill stages, and the fine-tuning after prune). The loss is
