@@ -64,8 +64,31 @@ def _omit_at_default(model: BaseModel, dumped: dict, names: tuple[str, ...]) -> 
     return dumped
 
 
+class ResizedCropConfig(Strict):
+    """Random-resized-crop (Szegedy et al., 2015; torchvision's RandomResizedCrop): a box of random area and
+    aspect ratio, resized to the model's input size (data.image_size); the usual ImageNet training crop."""
+
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.08, 1.0), description="[min, max] area of the box as a fraction of the (stored) image")
+    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (3 / 4, 4 / 3), description="[min, max] aspect ratio (width / height) of the box, drawn log-uniformly")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for name in ("scale", "ratio"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"random_resized_crop.{name} [{lo}, {hi}]: min is above max")
+        return self
+
+
 class AugmentConfig(Strict):
     """Per-image augmentation of training batches, on the device (compress.data.augment), in every stage."""
+
+    # (bool in the type only for the shorthand: `true` becomes the defaults, `false` None, before validation)
+    random_resized_crop: ResizedCropConfig | bool | None = Field(
+        None, description="crop a random box and resize it to data.image_size, batched on the device (`true` for "
+                          "torchvision's defaults, or {scale, ratio}); replaces the padded crop")
 
     crop_padding: int = Field(2, ge=0, description="random crop after zero padding by this many pixels (0: off)")
     hflip: bool = Field(True, description="random horizontal flip")
@@ -93,8 +116,15 @@ class AugmentConfig(Strict):
         ["crop_flip", "rotation", "jitter", "blur", "noise"], description=(
             "the order of the pixel-space steps, each named once; normalization, then random erasing, come after"))
 
+    @field_validator("random_resized_crop", mode="before")
+    @classmethod
+    def _rrc_shorthand(cls, value):
+        return {} if value is True else (None if value is False else value)
+
     @model_validator(mode="after")
     def _area_range(self):
+        if self.random_resized_crop is not None and "crop_padding" in self.model_fields_set and self.crop_padding:
+            raise ValueError("crop_padding and random_resized_crop both crop; set crop_padding: 0 or drop one")
         if self.erasing_area[0] > self.erasing_area[1]:
             raise ValueError(f"erasing_area {list(self.erasing_area)}: min is above max")
         if self.blur_sigma[0] > self.blur_sigma[1]:
@@ -106,7 +136,8 @@ class AugmentConfig(Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        return _omit_at_default(self, handler(self), ("rotation", "erasing", "erasing_area", "erasing_value", "blur",
+        return _omit_at_default(self, handler(self), ("random_resized_crop", "rotation", "erasing", "erasing_area",
+                                                      "erasing_value", "blur",
                                                       "blur_sigma", "noise", "noise_std", "brightness", "contrast",
                                                       "order"))
 
@@ -147,7 +178,18 @@ class DataConfig(Strict):
     root: Path | None = Field(None, description="dataset directory (fashion-mnist: the IDX files; imagefolder: "
                                                 "train/ and test/ of class subfolders)")
     download: bool = Field(True, description="fashion-mnist: download to ~/.cache/compress when not found")
-    image_size: int | None = Field(None, ge=4, le=MAX_IMAGE_SIZE, description="imagefolder: resize images to this square size")
+    image_size: int | None = Field(None, ge=4, le=MAX_IMAGE_SIZE, description="imagefolder: resize images to this square size "
+                                   "(with `resize`: the model's input, centre-cropped from the resized image)")
+    resize: int | None = Field(None, ge=4, le=MAX_IMAGE_SIZE, description=(
+        "imagefolder: resize each image's shorter side to this and centre-crop it square (torchvision's Resize + "
+        "CenterCrop); evaluation then centre-crops image_size from it (e.g. resize 256, image_size 224)"))
+    normalize: Literal["dataset", "imagenet"] = Field(
+        "dataset", description="per-channel mean/std: measured on the train split, or ImageNet's fixed values "
+                               "(what a model pretrained on ImageNet expects); `mean`/`std` set them explicitly")
+    mean: list[Annotated[float, Field(ge=-1e3, le=1e3)]] | None = Field(
+        None, min_length=1, description="fixed per-channel mean on the [0, 1] scale (one per channel; with std)")
+    std: list[Annotated[float, Field(gt=0, le=1e3)]] | None = Field(
+        None, min_length=1, description="fixed per-channel std on the [0, 1] scale (one per channel; with mean)")
     batch_size: int = Field(256, ge=1)
     eval_batch_size: int = Field(1024, ge=1)
     val_size: int = Field(5000, ge=0, description="images held out of train for validation (fixed seed)")
@@ -167,6 +209,28 @@ class DataConfig(Strict):
     cache_dir: Path | None = Field(None, description="imagefolder: where the decoded cache lives (default "
                                                      "<run root>/.cache; several nodes: shared storage, or a "
                                                      "local folder on each node)")
+
+    @model_validator(mode="after")
+    def _preprocessing(self):
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together: give both, one value per channel")
+        if self.mean is not None and self.normalize != "dataset":
+            raise ValueError("normalize: imagenet sets mean and std; give either it or explicit mean/std")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values and std {len(self.std)}; one per channel each")
+        if self.resize is not None:
+            if self.dataset != "imagefolder":
+                raise ValueError("resize applies to the imagefolder dataset")
+            if self.image_size is None:
+                raise ValueError("resize needs image_size: the crop the model sees (e.g. resize 256, image_size 224)")
+            if self.resize < self.image_size:
+                raise ValueError(f"resize {self.resize} is below image_size {self.image_size}: the centre crop "
+                                 f"would not fit")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _omit_at_default(self, handler(self), ("resize", "normalize", "mean", "std"))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -669,20 +733,39 @@ def _where(path: str, root: yaml.Node | None, loc: tuple, overridden: set[str]) 
     if any(dotted == o or dotted.startswith(o + ".") for o in overridden):
         return f"{path} (--set {dotted})"
     node = _key_node(root, loc) if loc else None
+    # A --set inside the failing block (or beside a key the file does not have) is named too: the
+    # file's line alone would send the user to look for the mistake where it is not.
+    setting = None
+    for depth in range(len(loc), 0, -1):
+        prefix = ".".join(str(x) for x in loc[:depth])
+        under = sorted(o for o in overridden if o == prefix or o.startswith(prefix + "."))
+        if under and (depth == len(loc) or node is None):
+            setting = under[0]
+            break
     if node is None:
         node, _ = _node_at(root, loc)
-    return f"{path}:{node.start_mark.line + 1}" if node is not None else path
+    where = f"{path}:{node.start_mark.line + 1}" if node is not None else path
+    return f"{where} (--set {setting})" if setting else where
 
 
 def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    from compress.io import MAX_YAML_BYTES, YAMLInputError, load_yaml
+
     parsed = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key.path=value (e.g. --set stages.teacher.epochs=1)")
+            raise ConfigError(f"--set {shorten(item)}: expected key.path=value (e.g. --set stages.teacher.epochs=1)")
+        if len(item) > MAX_YAML_BYTES // 16:
+            raise ConfigError(f"--set {shorten(key)}: the value is {len(raw)} characters; at most "
+                              f"{MAX_YAML_BYTES // 16} (put large settings in the pipeline file)")
+        if any(not k.strip() for k in key.split(".")):
+            raise ConfigError(f"--set {shorten(key)}: an empty part in the key path (write a.b.c)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw)[0] if raw.strip() else ""
+        except YAMLInputError as exc:
+            if "malformed" not in str(exc):  # duplicate keys, alias bombs: refused, not taken as text
+                raise ConfigError(f"--set {shorten(key)}: {exc}") from None
             value = raw
         parsed.append((key.strip().split("."), value))
     return parsed
@@ -737,13 +820,27 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
         raise ConfigError(f"{_where(str(path), root, loc, overridden)}: {'.'.join(map(str, loc)) or '<top>'}: "
                           f"{_describe(err, loc)}{more}") from None
     _check_graph(cfg, str(path), root, overridden)
-    if cfg.device == "cuda":  # what `run` would refuse first; validate refuses it too
+    from compress.registry import ModelError, check_name
+
+    for name, stage in cfg.stages.items():  # registry names and user files, as the stages will ask for them
+        if isinstance(getattr(stage, "model", None), str):
+            try:
+                check_name(stage.model, path.parent)
+            except ModelError as exc:
+                raise ConfigError(f"{_where(str(path), root, ('stages', name, 'model'), overridden)}: "
+                                  f"stages.{name}.model: {exc}") from None
+    return cfg
+
+
+def check_machine(cfg: PipelineConfig, path: str | Path) -> None:
+    """What this machine cannot run, whatever the file says (`run` and `validate` call it; `load` does not,
+    so a GPU pipeline still loads, e.g. to be checked, on a machine without one)."""
+    if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"{_where(str(path), root, ('device',), overridden)}: device: cuda, but torch sees "
-                              f"no CUDA GPU on this machine; use device: auto or cpu")
-    return cfg
+            raise ConfigError(f"{path}: device: cuda, but torch sees no CUDA GPU on this machine; use device: "
+                              f"auto or cpu, or run it where there is one")
 
 
 def shorten(value: Any, limit: int = 60) -> str:
@@ -767,9 +864,12 @@ def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> 
                     raise ConfigError(f"{_where(path, root, ('stages', name, key), overridden)}: "
                                       f"stages.{name}.{key}: a stage cannot take its own output")
                 if not STAGE_TYPES[cfg.stages[dep].type].torch_model:
+                    source = cfg.inputs(dep)[0] if cfg.inputs(dep) else None
+                    step = (f"; {stage.type} from {source!r}, the float model {dep!r} was made from"
+                            if source and key == "from" else "; name a stage that holds a PyTorch model")
                     raise ConfigError(f"{_where(path, root, ('stages', name, key), overridden)}: "
-                                      f"stages.{name}.{key}: {dep!r} is an INT8 ONNX model; train, distill "
-                                      f"and prune need a PyTorch model")
+                                      f"stages.{name}.{key}: {dep!r} is already an INT8 ONNX model, and a "
+                                      f"{stage.type} stage needs a PyTorch model as its {key}{step}")
         if STAGE_TYPES[stage.type].needs_from and not cfg.inputs(name):
             raise ConfigError(f"{_where(path, root, ('stages', name), overridden)}: stages.{name}: "
                               f"a {stage.type} stage needs 'from'")

@@ -299,8 +299,16 @@ def preprocess(path):
     if c not in MODES:
         sys.exit(f"error: no Pillow mode for {c}-channel images")
     img = Image.open(path).convert(MODES[c])
-    if img.size != (w, h):
-        img = img.resize((w, h), getattr(Image, "Resampling", Image).BILINEAR)
+    bilinear = getattr(Image, "Resampling", Image).BILINEAR
+    if pre.get("resize"):  # torchvision's Resize(resize) + CenterCrop(size), as the model was trained and scored
+        r = pre["resize"]
+        iw, ih = img.size
+        size = (r, int(r * ih / iw)) if iw <= ih else (int(r * iw / ih), r)
+        img = img.resize(size, bilinear) if img.size != size else img
+        left, top = int(round((size[0] - w) / 2.0)), int(round((size[1] - h) / 2.0))
+        img = img.crop((left, top, left + w, top + h))
+    elif img.size != (w, h):
+        img = img.resize((w, h), bilinear)
     x = np.asarray(img, dtype=np.float32).reshape(h, w, c).transpose(2, 0, 1)   # HWC -> CHW
     mean = np.asarray(pre["mean"], dtype=np.float32).reshape(c, 1, 1)
     std = np.asarray(pre["std"], dtype=np.float32).reshape(c, 1, 1)

@@ -206,3 +206,48 @@ class Mixer:
             x[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
         one_hot = F.one_hot(y, self.num_classes).float()
         return x, one_hot * lam + one_hot.flip(0) * (1.0 - lam)
+
+
+def resized_crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       g: torch.Generator) -> Tensor:
+    """(4, n) float64: top, left, height, width of one random-resized-crop box per image (torchvision's rule).
+
+    As torchvision's RandomResizedCrop.get_params, batched: up to 10 tries of an area share in `scale` and a
+    log-uniform aspect ratio (width / height) in `ratio`; the first box that fits is placed uniformly; an image
+    with none falls back to its centre, as large as `ratio` allows.
+    """
+    tries = 10
+    area = torch.empty(n, tries, dtype=torch.float64).uniform_(*scale, generator=g) * (h * w)
+    aspect = torch.empty(n, tries, dtype=torch.float64).uniform_(*map(math.log, ratio), generator=g).exp()
+    bw, bh = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
+    first = fits.to(torch.int64).argmax(1, keepdim=True)
+    bw, bh = bw.gather(1, first)[:, 0], bh.gather(1, first)[:, 0]
+    position = torch.rand(2, n, generator=g, dtype=torch.float64)
+    top, left = (position[0] * (h - bh + 1)).floor(), (position[1] * (w - bw + 1)).floor()
+    # Fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
+    fw, fh = float(w), float(h)
+    if w / h < min(ratio):
+        fh = float(round(w / min(ratio)))
+    elif w / h > max(ratio):
+        fw = float(round(h * max(ratio)))
+    none = ~fits.any(1)
+    bw, bh = bw.where(~none, torch.full_like(bw, fw)), bh.where(~none, torch.full_like(bh, fh))
+    top = top.where(~none, torch.full_like(top, (h - fh) // 2))
+    left = left.where(~none, torch.full_like(left, (w - fw) // 2))
+    return torch.stack([top, left, bh, bw])
+
+
+def resized_crop(x: Tensor, boxes: Tensor, out_h: int, out_w: int) -> Tensor:
+    """Crop each image to its box (4, B: top, left, height, width in pixels) and resize it to (out_h, out_w).
+
+    One `affine_grid` + `grid_sample` (bilinear, edges clamped) for the batch; float out. A box that
+    covers the whole image at the same size returns the image unchanged (pixel centres are sampled).
+    """
+    b, c, h, w = x.shape
+    top, left, bh, bw = boxes.to(device=x.device, dtype=torch.float32)
+    zero = torch.zeros_like(top)
+    theta = torch.stack([torch.stack([bw / w, zero, (2 * left + bw) / w - 1], 1),
+                         torch.stack([zero, bh / h, (2 * top + bh) / h - 1], 1)], 1)   # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, c, out_h, out_w], align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)

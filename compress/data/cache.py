@@ -53,7 +53,7 @@ CHUNK = 64          # images per decode task
 # Data keys that cannot change a decoded pixel; every other key (image_size, and any decode option
 # added later) is part of the cache key, so a new option errs on the side of a rebuild.
 NOT_DECODING = {"root", "download", "batch_size", "eval_batch_size", "val_size", "augment", "synthetic",
-                "placement", "workers", "cache", "cache_dir", "mean", "std"}
+                "placement", "workers", "cache", "cache_dir", "mean", "std", "normalize"}
 MANIFEST = "manifest.json"
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 

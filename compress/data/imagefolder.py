@@ -9,6 +9,9 @@ most of them have (ties: the first image's): L -> 1, LA -> 2, RGB -> 3, RGBA -> 
 count as RGB (RGBA with transparency), CMYK as RGB, 16-bit grey is scaled to 8 bits. So one stray
 grayscale JPEG in an RGB set is converted, not fatal. Without data.image_size every image must have
 the same size; with it, each is resized (bilinear, squashed, not cropped) to image_size x image_size.
+With data.resize, each image's shorter side is resized to it and the centre square kept (torchvision's
+Resize + CenterCrop, for models pretrained that way); the model's image_size crop is taken from that
+square later, on the device (centred for evaluation, random-resized for training).
 """
 
 from __future__ import annotations
@@ -76,7 +79,29 @@ def _probe(path: Path) -> tuple[int, tuple[int, int]]:
         raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
-def _decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+def _center(length: int, crop: int) -> int:
+    return int(round((length - crop) / 2.0))  # torchvision's CenterCrop offset (Python's round: half to even)
+
+
+def resize_center_crop(img, resize: int, crop: int | None = None):
+    """The resize x resize square of a PIL image after torchvision's Resize(resize): the shorter side to
+    `resize` (the longer one to int(resize * long / short)), bilinear with PIL's antialiasing.
+
+    The square is placed so that its own centre `crop` (as DataModule takes it for evaluation) is exactly
+    torchvision's Resize(resize) + CenterCrop(crop) of the image; without `crop`, it is the centre square.
+    """
+    Image = _image_lib()
+    w, h = img.size
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    crop = resize if crop is None else crop
+    left, top = (min(max(_center(n, crop) - _center(resize, crop), 0), n - resize) for n in size)
+    return img.crop((left, top, left + resize, top + resize))
+
+
+def _decode(path: Path, channels: int, size: tuple[int, int], resize: int | None = None,
+            crop: int | None = None) -> np.ndarray:
     Image = _image_lib()
     try:
         with Image.open(path) as img:
@@ -85,7 +110,9 @@ def _decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
                 a = np.asarray(img)
                 img = Image.fromarray((a >> 8 if a.max() > 255 else a).clip(0, 255).astype(np.uint8))
             img = img.convert(MODES[channels])
-            if img.size != size:
+            if resize is not None:
+                img = resize_center_crop(img, resize, crop)
+            elif img.size != size:
                 img = img.resize(size, Image.Resampling.BILINEAR)
             a = np.asarray(img, dtype=np.uint8)
     except Exception as exc:
@@ -93,12 +120,13 @@ def _decode(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def _read_all(items: list[tuple[Path, int]], channels: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _read_all(items: list[tuple[Path, int]], channels: int, size: tuple[int, int],
+              resize: int | None = None, crop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     w, h = size
     x = np.empty((len(items), channels, h, w), dtype=np.uint8)
 
     def fill(i: int) -> None:
-        x[i] = _decode(items[i][0], channels, size).transpose(2, 0, 1)
+        x[i] = _decode(items[i][0], channels, size, resize, crop).transpose(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
         list(pool.map(fill, range(len(items))))
@@ -115,10 +143,12 @@ class Plan:
     test: list[tuple[Path, int]] | None    # None: no test/ folder, a share of train is held out
     channels: int
     size: tuple[int, int]                  # (width, height) of every decoded image
+    resize: int | None = None              # data.resize: shorter side to this, centre square (size is its square)
+    crop: int | None = None                # data.image_size with resize: the evaluation crop of that square
 
     def read(self, items: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
         """Decode `items` (any subset of train or test): uint8 (N, C, H, W) images and int64 labels."""
-        return _read_all(items, self.channels, self.size)
+        return _read_all(items, self.channels, self.size, self.resize, self.crop)
 
 
 def listing(cfg: DataConfig) -> tuple[Path, list[str], list[tuple[Path, int]], list[tuple[Path, int]] | None]:
@@ -144,7 +174,9 @@ def plan(cfg: DataConfig, log: Callable[[str], None]) -> Plan:
     channels = max(counts, key=lambda c: (counts[c], c == probes[0][0]))
     if converted := len(probes) - counts[channels]:
         log(f"imagefolder: {converted} of {len(probes)} images converted to {MODES[channels]}")
-    if cfg.image_size is not None:
+    if cfg.resize is not None:  # stored at resize x resize; the model's crop is taken later (DataModule)
+        size = (cfg.resize, cfg.resize)
+    elif cfg.image_size is not None:
         size = (cfg.image_size, cfg.image_size)
     else:
         size = probes[0][1]
@@ -154,7 +186,7 @@ def plan(cfg: DataConfig, log: Callable[[str], None]) -> Plan:
                                 f"{size[0]}x{size[1]}; set data.image_size to resize them all")
     if test is None and len(train) < 2:
         raise DataError(f"{root}/train: one image is not enough to hold out a test split")
-    return Plan(root, classes, train, test, channels, size)
+    return Plan(root, classes, train, test, channels, size, cfg.resize, cfg.image_size if cfg.resize else None)
 
 
 def test_holdout(n: int) -> tuple[np.ndarray, np.ndarray, str]:

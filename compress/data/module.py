@@ -26,7 +26,7 @@ from torch import Tensor
 
 from compress.config import DataConfig
 from compress.data.augment import (ERASE_RATIO, add_noise, brightness_contrast, erase, erasing_boxes, gaussian_blur,
-                                    random_crop_flip, rotate)
+                                    random_crop_flip, resized_crop, resized_crop_boxes, rotate)
 from compress.data.rows import DiskRows
 
 SPLITS = ("train", "val", "test")
@@ -79,6 +79,23 @@ def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     var = ((hist * values**2).sum(1) / count - mean**2).clamp(min=0)
     std = var.sqrt().where(var > 1e-12, torch.ones_like(var))   # constant images: leave them unscaled
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _fixed_stats(cfg: DataConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """data.normalize: imagenet or explicit mean/std (checked against the channel count); None: measure them."""
+    if cfg.mean is not None:
+        mean, std, what = tuple(cfg.mean), tuple(cfg.std), "data.mean/std"
+    elif cfg.normalize == "imagenet":
+        mean, std, what = IMAGENET_MEAN, IMAGENET_STD, "data.normalize: imagenet"
+    else:
+        return None
+    if len(mean) != channels:
+        raise DataError(f"{what} has {len(mean)} values per channel, but the images have {channels} "
+                        f"channel{'s' if channels != 1 else ''}")
+    return mean, std
 
 
 def _fingerprint(raw: RawData) -> str:
@@ -171,7 +188,9 @@ class DataModule:
         self.batch_size = cfg.batch_size
         self.eval_batch_size = cfg.eval_batch_size
         self.augment = cfg.augment
-        self.crop_padding = cfg.augment.crop_padding
+        # random-resized-crop replaces the padded crop (the config refuses both)
+        self.resized_crop = cfg.augment.random_resized_crop or None
+        self.crop_padding = 0 if self.resized_crop else cfg.augment.crop_padding
         self.hflip = cfg.augment.hflip
 
         train_idx, val_idx = split_indices(len(raw.train_x), cfg.val_size, SPLIT_SEED)
@@ -192,9 +211,12 @@ class DataModule:
         self._y = {s: torch.from_numpy(y.astype(np.int64)).to(self.device) for s, (_, y) in arrays.items()}
 
         _, self.in_channels, h, w = self._x["train"].shape
+        self.stored_size = (h, w)
+        if cfg.resize is not None:  # stored at resize x resize; the model sees the image_size crop of it
+            h = w = cfg.image_size
         self.image_size = (h, w)
         self.num_train, self.num_val, self.num_test = (len(self._y[s]) for s in SPLITS)
-        self.mean, self.std = _channel_stats(self._x["train"])
+        self.mean, self.std = _fixed_stats(cfg, self.in_channels) or _channel_stats(self._x["train"])
         self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.preprocess = {
@@ -208,6 +230,12 @@ class DataModule:
             "formula": "x = (pixel * scale - mean[c]) / std[c]",
             "class_names": self.class_names,
         }
+        if cfg.resize is not None:  # infer.py: shorter side to `resize`, centre square, centre `size` crop
+            self.preprocess.update(resize=cfg.resize, resize_mode="shorter_side_center_crop",
+                                   formula="shorter side -> resize (bilinear), centre crop to size; "
+                                           "x = (pixel * scale - mean[c]) / std[c]")
+        self.preprocess["normalize"] = "dataset" if cfg.mean is None and cfg.normalize == "dataset" else (
+            cfg.normalize if cfg.mean is None else "explicit")
 
     def __repr__(self) -> str:
         return (f"DataModule({self.name}: {self.num_train} train / {self.num_val} val / {self.num_test} test, "
@@ -221,7 +249,14 @@ class DataModule:
                 "num_classes": self.num_classes, "preprocess": self.preprocess}
 
     def normalize(self, x: Tensor) -> Tensor:
-        """uint8 (B, C, H, W) -> float32, scaled to [0, 1] then standardized per channel."""
+        """uint8 (B, C, H, W) -> float32, scaled to [0, 1] then standardized per channel.
+
+        Images at the stored size when that is larger than the model's (data.resize) are centre-cropped
+        to image_size first, offsets rounded as torchvision's CenterCrop rounds them."""
+        if tuple(x.shape[-2:]) == self.stored_size != self.image_size:
+            (sh, sw), (h, w) = self.stored_size, self.image_size
+            top, left = int(round((sh - h) / 2.0)), int(round((sw - w) / 2.0))
+            x = x[..., top:top + h, left:left + w]
         return (x.float() / 255 - self._mean) / self._std
 
     def steps_per_epoch(self, batch_size: int | None = None) -> int:
@@ -273,7 +308,11 @@ class DataModule:
             area = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
             log_ratio = torch.empty(n, dtype=torch.float64).uniform_(*map(math.log, ERASE_RATIO), generator=g)
             boxes = erasing_boxes(area, log_ratio, torch.rand(2, n, generator=g, dtype=torch.float64), h, w)
+        # Drawn last, and only when on: switching it on leaves every draw above as it was.
+        rrc = (resized_crop_boxes(n, *self.stored_size, self.resized_crop.scale, self.resized_crop.ratio, g)
+               if augment and self.resized_crop else None)
         to_device = lambda t: t.to(self.device, non_blocking=True) if t is not None else None  # noqa: E731
+        rrc = to_device(rrc)
         order, offsets, flips, degrees = map(to_device, (order, offsets, flips, degrees))
         bright, contrast, sigma, noise_std = map(to_device, (bright, contrast, sigma, noise_std))
         if erasing:
@@ -289,6 +328,8 @@ class DataModule:
         for step, pos in enumerate(positions):
             idx = order[pos]
             xb = x[idx] if gathered is None else next(gathered).to(self.device, non_blocking=True)
+            if rrc is not None:       # random-resized-crop to the model's size comes before every other step
+                xb = resized_crop(xb, rrc[:, pos], *self.image_size)
             for name in aug.order:    # the pixel-space steps, in the YAML's order (uint8 until one makes floats)
                 if name == "crop_flip" and (pad or flip):
                     xb = random_crop_flip(xb, pad, offsets[0, pos], offsets[1, pos], flips[pos] if flip else None)
