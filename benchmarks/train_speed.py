@@ -10,10 +10,15 @@ For each model, on the same device, batch size, optimizer settings and Fashion-M
              uint8 data path, the device-side NaN guard, progress bookkeeping, the epoch's
              checkpoint snapshot (evaluation is outside its timed span).
 * compress + flip - the same with the default pipeline's augmentation (random horizontal flip).
+* compress auto - `fit` as a pipeline runs it: the CPU fast path (compress.fastpath) picked by
+             `cpu_fast_path: auto` (channels-last and/or bf16 autocast where the chip has native
+             bf16). The rows above pin `cpu_fast_path: off` (fp32, the loop as it was). The probe
+             runs once per model before the timed runs, against a fresh cache, and is reported
+             with its decision and its duration (a pipeline pays it once per machine and model).
 
 Each variant runs `--repeats` times, interleaved, after one untimed warm-up epoch; the
 median images/s is reported, and the ratio compress / minimal (target: >= 0.95 on CPU, > 1
-on GPU). With `--report`, the stage wall times of a `compress run` report (e.g. the
+on GPU; compress auto on an AMX machine: >= 1.5). With `--report`, the stage wall times of a `compress run` report (e.g. the
 committed reference run of pipelines/distill.yaml) are tabulated alongside.
 
     python benchmarks/train_speed.py                                  # ~10 min on an idle 2-core CPU
@@ -26,8 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +45,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compress import fastpath  # noqa: E402
 from compress.config import AugmentConfig, DataConfig, OptimConfig  # noqa: E402
 from compress.data import LOADERS, DataModule  # noqa: E402
 from compress.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -95,12 +103,24 @@ def minimal_epoch(model_name: str, data: DataModule, opts: OptimConfig, device: 
     return data.num_train / timed
 
 
-def compress_epoch(model_name: str, data: DataModule, opts: OptimConfig, device: torch.device) -> float:
+def compress_epoch(model_name: str, data: DataModule, opts: OptimConfig, device: torch.device,
+                   fast_path: str = "off") -> float:
     """Images/s of the second of two `fit` epochs (its own timer: the training steps, not the evaluation)."""
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=data.num_classes, in_channels=data.in_channels)
-    metrics = fit(model, data, opts, 2, device=device, progress=False, log=lambda m: None)
+    metrics = fit(model, data, opts.model_copy(update={"cpu_fast_path": fast_path}), 2, device=device,
+                  progress=False, log=lambda m: None)
     return metrics["history"][1]["images_per_s"]
+
+
+def probe_fast_path(model_name: str, data: DataModule, opts: OptimConfig, device: torch.device) -> dict:
+    """What `cpu_fast_path: auto` decides for this model here, the probe's timings and its duration."""
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=data.num_classes, in_channels=data.in_channels)
+    t0 = time.perf_counter()
+    path = fastpath.choose("auto", model, (data.in_channels, *data.image_size), opts.batch_size or data.batch_size,
+                           device=device, amp=opts.amp, log=lambda m: None)
+    return {**path.record(), "probe_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def stage_times(report_path: Path) -> dict:
@@ -118,22 +138,39 @@ def stage_times(report_path: Path) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     device = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} torch threads"
+    isa = ", ".join(m.get("isa") or []) or "unknown"
+    bf16 = "native bf16" if m.get("native_bf16") else "no native bf16 (bf16 would be emulated)"
     lines = [
         "# Training step speed: compress `fit` against a minimal PyTorch loop",
+        "",
+        f"CPU: {m['cpu']}; instruction sets: {isa}; {bf16}.",
         "",
         f"Device: {result['device']} ({device}); Fashion-MNIST, {result['images']:,} training images per epoch, "
         f"batch {result['batch_size']}, SGD momentum 0.9 nesterov, one-cycle. Median of {result['repeats']} "
         "interleaved runs of one timed epoch each, after a warm-up epoch.",
         "",
-        "| model | minimal loop (img/s) | compress fit (img/s) | ratio | compress fit + flip (img/s) | ratio |",
-        "|---|---:|---:|---:|---:|---:|",
+        ("| model | minimal loop (img/s) | compress fit, fp32 (img/s) | ratio | compress fit + flip (img/s) | ratio "
+         "| compress fit, auto fast path (img/s) | ratio | auto picked |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
+        auto = (f"{r['compress_auto']:,.0f} | {r['ratio_auto']:.3f} | {r['fast_path']['mode']}"
+                if "compress_auto" in r else "- | - | -")  # results from before the fast path
         lines.append(f"| {r['model']} | {r['minimal']:,.0f} | {r['compress']:,.0f} | {r['ratio']:.3f} | "
-                     f"{r['compress_flip']:,.0f} | {r['ratio_flip']:.3f} |")
+                     f"{r['compress_flip']:,.0f} | {r['ratio_flip']:.3f} | {auto} |")
     lines += ["", "Per-run images/s: " + "; ".join(
         f"{r['model']}: minimal {r['runs']['minimal']}, compress {r['runs']['compress']}, "
-        f"+flip {r['runs']['compress_flip']}" for r in result["rows"]), ""]
+        f"+flip {r['runs']['compress_flip']}" + (f", auto {r['runs']['compress_auto']}" if "compress_auto" in r else "")
+        for r in result["rows"]), ""]
+    probed = [r for r in result["rows"] if r.get("fast_path")]
+    if probed:
+        lines += ["Fast-path probe (`cpu_fast_path: auto`, one training step per mode, before the timed runs):", ""]
+        for r in probed:
+            f = r["fast_path"]
+            rates = ", ".join(f"{k} {v:,.0f}" for k, v in (f.get("images_per_s") or {}).items())
+            lines.append(f"* {r['model']}: {f['mode']} ({f['reason']}); probe {rates or '-'} img/s, "
+                         f"{f['probe_seconds']} s")
+        lines.append("")
     if result.get("pipeline_report"):
         p = result["pipeline_report"]
         lines += [f"## Wall time of `{p['pipeline'] or 'the pipeline'}`, stage by stage", "",
@@ -170,9 +207,15 @@ def main() -> None:
     flipped = load_data(args.images, args.batch, device, flip=True)
     variants = {"minimal": lambda m: minimal_epoch(m, plain, opts, device),
                 "compress": lambda m: compress_epoch(m, plain, opts, device),
-                "compress_flip": lambda m: compress_epoch(m, flipped, opts, device)}
+                "compress_flip": lambda m: compress_epoch(m, flipped, opts, device),
+                "compress_auto": lambda m: compress_epoch(m, plain, opts, device, "auto")}
     rows = []
+    # A fresh probe cache: the decision is made on this machine now, not read from an earlier run.
+    os.environ["COMPRESS_FAST_PATH_CACHE"] = str(Path(tempfile.mkdtemp(prefix="train_speed-")) / "fastpath.json")
     for model in args.models.split(","):
+        decision = probe_fast_path(model, plain, opts, device)
+        print(f"{model}: auto fast path {decision['mode']} ({decision['reason']}; {decision['probe_seconds']} s)",
+              flush=True)
         runs = {k: [] for k in variants}
         for r in range(args.repeats):
             for name, run in variants.items():
@@ -180,13 +223,16 @@ def main() -> None:
                 print(f"{model} run {r + 1}/{args.repeats} {name:14s} {runs[name][-1]:10,.1f} img/s", flush=True)
         med = {k: statistics.median(v) for k, v in runs.items()}
         rows.append({"model": model, **med, "ratio": med["compress"] / med["minimal"],
-                     "ratio_flip": med["compress_flip"] / med["minimal"], "runs": runs})
-        print(f"{model}: compress/minimal = {rows[-1]['ratio']:.3f} (with flip {rows[-1]['ratio_flip']:.3f})")
+                     "ratio_flip": med["compress_flip"] / med["minimal"],
+                     "ratio_auto": med["compress_auto"] / med["minimal"], "fast_path": decision, "runs": runs})
+        print(f"{model}: compress/minimal = {rows[-1]['ratio']:.3f} (with flip {rows[-1]['ratio_flip']:.3f}, "
+              f"auto fast path {rows[-1]['ratio_auto']:.3f})")
     result = {"schema": "compress.benchmark.train_speed/1",
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
               "device": str(device), "images": plain.num_train, "batch_size": args.batch, "repeats": args.repeats,
-              "machine": machine_info(), "rows": rows,
+              "machine": {**machine_info(), "isa": fastpath.isa(), "native_bf16": fastpath.native_bf16()},
+              "rows": rows,
               "pipeline_report": stage_times(args.report.resolve()) if args.report else None}
     stem = args.name or ("train_speed-cuda" if device.type == "cuda" else "train_speed")
     args.out.mkdir(parents=True, exist_ok=True)
