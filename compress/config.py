@@ -59,7 +59,7 @@ def _omit_at_default(model: BaseModel, dumped: dict, names: tuple[str, ...]) -> 
     """Leave fields added after runs were cached out of a dump while they hold their defaults, so the
     cache keys (hashes of dumps) of configs that do not use them stay what they were."""
     for name in names:
-        if getattr(model, name) == type(model).model_fields[name].default:
+        if name in type(model).model_fields and getattr(model, name) == type(model).model_fields[name].default:
             dumped.pop(name, None)
     return dumped
 
@@ -279,7 +279,7 @@ class OptimConfig(Strict):
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         return _omit_at_default(self, handler(self), ("mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob",
-                                                      "ema_decay", "compile", "cpu_fast_path"))
+                                                      "ema_decay", "compile", "weights", "reinit_classifier", "cpu_fast_path"))
 
 
 # Distillation (distill stages, and the fine-tuning after prune). The loss is
@@ -366,13 +366,40 @@ class KDConfig(Strict):
         return self
 
 
-class TrainStage(OptimConfig):
+WEIGHTS_HELP = ("trained weights: a state_dict saved by torch.save (.pt/.pth), a .safetensors file, a checkpoint "
+                "holding one under state_dict/model/ema/model_ema, or a compress model.pt; relative to the pipeline "
+                "file; loaded with torch.load(weights_only=True), prefixes module./_orig_mod./model. stripped")
+
+
+class FinetuneFrom(BaseModel):
+    """`weights:` on train and distill: start from trained weights instead of a fresh initialisation."""
+
+    weights: Path | None = Field(None, description="start training from these " + WEIGHTS_HELP)
+    reinit_classifier: bool = Field(False, description="when the weights classify another number of classes: "
+                                                       "start the classifier afresh (fine-tuning onto this data)")
+
+    @model_validator(mode="after")
+    def _reinit_needs_weights(self):
+        if self.reinit_classifier and self.weights is None:
+            raise ValueError("reinit_classifier applies to weights:, and this stage has none")
+        return self
+
+
+class TrainStage(OptimConfig, FinetuneFrom):
     type: Literal["train"]
     model: str = Field(description="registry name (see `compress models`) or path/to/file.py:ClassName")
     epochs: int = Field(3, ge=1)
 
 
-class DistillStage(OptimConfig, KDConfig):
+class ImportStage(Strict):
+    """A model trained elsewhere, brought in as it is: loaded, scored on val, exported; no training."""
+
+    type: Literal["import"]
+    model: str = Field(description="registry name (see `compress models`) or path/to/file.py:ClassName")
+    weights: Path = Field(description=WEIGHTS_HELP)
+
+
+class DistillStage(OptimConfig, KDConfig, FinetuneFrom):
     type: Literal["distill"]
     from_: str | list[str] = Field(alias="from", description="teacher stage name, or a list for an ensemble")
     model: str
@@ -537,6 +564,7 @@ class StageType:
 
 STAGE_TYPES: dict[str, StageType] = {row.name: row for row in (
     StageType(TrainStage, needs_from=False, data_parallel=True),
+    StageType(ImportStage, needs_from=False, describe=lambda cfg: f"{cfg.model} <- {cfg.weights}"),
     StageType(DistillStage, data_parallel=True, teachers=lambda cfg: "inputs"),
     StageType(PruneStage, data_parallel=True, teachers=lambda cfg: "lineage", describe=_describe_prune),
     StageType(QuantizeStage, torch_model=False, teachers=lambda cfg: "lineage" if cfg.method == "qat" else "none",
@@ -574,6 +602,10 @@ class BenchmarkConfig(Strict):
     iters: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's default)")
     accuracy_split: Literal["test", "val"] = "test"
+    cpu_fast_path: Literal["auto", "off", "channels_last", "bf16", "bf16_channels_last"] = Field(
+        "auto", description="torch rows on CPU: channels-last and/or bf16 autocast; auto: what a short timed probe "
+                            "of an inference forward finds fastest per model here (bf16 only with native AMX / "
+                            "AVX-512 BF16); recorded as each row's fast_path")
 
 
 class ReportConfig(Strict):
@@ -820,6 +852,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
         raise ConfigError(f"{_where(str(path), root, loc, overridden)}: {'.'.join(map(str, loc)) or '<top>'}: "
                           f"{_describe(err, loc)}{more}") from None
     _check_graph(cfg, str(path), root, overridden)
+    _check_weights_files(cfg, path, root, overridden)
     from compress.registry import ModelError, check_name
 
     for name, stage in cfg.stages.items():  # registry names and user files, as the stages will ask for them
@@ -847,6 +880,28 @@ def shorten(value: Any, limit: int = 60) -> str:
     """repr(value), at most `limit` characters: a value echoed in an error never floods the terminal."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def weights_path(weights: Path, pipeline_dir: Path) -> Path:
+    """A stage's `weights:` as a path: relative ones are relative to the pipeline file (as model files are)."""
+    weights = Path(weights).expanduser()
+    return weights if weights.is_absolute() else pipeline_dir / weights
+
+
+def _check_weights_files(cfg: PipelineConfig, path: Path, root, overridden: set[str]) -> None:
+    """A missing or unreadable weights file fails before any stage runs (its contents are checked when loaded)."""
+    import os
+
+    for name, stage in cfg.stages.items():
+        weights = getattr(stage, "weights", None)
+        if weights is None:
+            continue
+        file = weights_path(weights, path.parent)
+        problem = ("no such weights file" if not file.exists() else "not a file" if not file.is_file()
+                   else "cannot read the weights file (permission denied)" if not os.access(file, os.R_OK) else None)
+        if problem:
+            loc = ("stages", name, "weights")
+            raise ConfigError(f"{_where(str(path), root, loc, overridden)}: stages.{name}.weights: {file}: {problem}")
 
 
 def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> None:

@@ -52,6 +52,7 @@ class TorchRunner:
 
     runtime = "torch"
     includes_copies = False
+    fast_path = None   # a compress.fastpath.FastPath (CPU: channels-last, bf16 autocast); see use()
 
     def __init__(self, model: nn.Module, precision: str = "fp32", device: str | torch.device = "cpu"):
         self.input_device = torch.device(device)
@@ -77,9 +78,19 @@ class TorchRunner:
             return torch.cuda.get_device_name(self.input_device)
         return _cpu_device(torch.get_num_threads())
 
+    def use(self, fast_path) -> None:
+        """Run through a compress.fastpath.FastPath: the model's memory format now, autocast per call."""
+        self.fast_path = fast_path
+        fast_path.model(self.model)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            out = self.model(x.to(self.input_device, self._dtype, non_blocking=True))
+            x = x.to(self.input_device, self._dtype, non_blocking=True)
+            if self.fast_path is None:
+                out = self.model(x)
+            else:
+                with self.fast_path.context():
+                    out = self.model(self.fast_path.input(x))
         return out.float()
 
     def sync(self) -> None:

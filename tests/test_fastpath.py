@@ -163,3 +163,16 @@ def test_config_key_defaults_and_bad_values():
         OptimConfig(cpu_fast_path="bf16", amp=False)
     with pytest.raises(ValueError, match="unknown cpu_fast_path"):
         fastpath.choose("fast", tiny(), (1, 8, 8), 4, device="cpu")
+
+
+def test_torch_benchmark_runner_runs_through_a_fast_path():
+    from compress.runtime import TorchRunner
+
+    model, x = tiny().eval(), torch.randn(4, 1, 8, 8)
+    reference = TorchRunner(nn.Sequential(*[m for m in tiny().eval()]))(x)
+    runner = TorchRunner(model)
+    runner.use(fastpath.fixed("bf16_channels_last"))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    out = runner(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, reference)    # bf16 rounding happened
+    assert torch.allclose(out, reference, atol=0.05, rtol=0.05)
