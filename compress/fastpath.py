@@ -257,7 +257,7 @@ def decide(rates: dict[str, float]) -> tuple[str, str]:
 def choose(setting: str, model: nn.Module, input_shape: tuple[int, ...], batch: int, *,
            device: torch.device | str, amp: bool = True, train: bool = True,
            log: Callable[[str], None] = print, flags: set[str] | None = None,
-           measure: Callable[..., dict[str, float]] = probe) -> FastPath:
+           measure: Callable[..., dict[str, float]] | None = None) -> FastPath:
     """The FastPath for `model` on `device`: explicit settings as given, `auto` from a (cached) probe.
 
     setting   auto | off | channels_last | bf16 | bf16_channels_last (the config's `cpu_fast_path`)
@@ -291,7 +291,7 @@ def choose(setting: str, model: nn.Module, input_shape: tuple[int, ...], batch: 
     if rates is None:
         source = ""
         t0 = time.perf_counter()
-        rates = measure(model, tuple(input_shape), batch, modes, train=train)
+        rates = (measure or probe)(model, tuple(input_shape), batch, modes, train=train)
         _write_cache(path, machine, key, rates, log)
         log(f"cpu fast path: probed {', '.join(f'{m} {rates[m]:,.0f}' for m in modes)} img/s in "
             f"{time.perf_counter() - t0:.1f} s (cached in {path})")

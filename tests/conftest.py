@@ -6,9 +6,13 @@ One thread per test process, inherited by the `compress` subprocesses the tests 
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# The CPU fast-path probe cache (compress.fastpath): one per test session, never the user's ~/.cache.
+os.environ.setdefault("COMPRESS_FAST_PATH_CACHE", os.path.join(tempfile.mkdtemp(prefix="compress-tests-"),
+                                                               "fastpath.json"))
 
 import torch  # noqa: E402  (after the environment is set)
 
