@@ -122,14 +122,16 @@ def summary_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def stages_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["stage", "type", "from", "best val top-1 %", "ONNX max abs diff", "ONNX top-1 agreement", "wall s"]
+    head = ["stage", "type", "from", "best val top-1 %", "ONNX max abs diff", "ONNX top-1 agreement", "wall s",
+            "trained with"]
     body = []
     for name, s in report["stages"].items():
         parity = s.get("onnx_parity") or {}
         diff, agree, val = parity.get("max_abs_diff"), parity.get("top1_agreement"), s.get("best_accuracy")
+        fast = (s.get("metrics") or {}).get("fast_path") or {}   # compress.fastpath: fp32, channels_last, bf16...
         body.append([name, s["type"], ", ".join(s["from"]) or "-", "-" if val is None else f"{val:.2f}",
                      "-" if diff is None else f"{diff:.2e}", "-" if agree is None else f"{agree * 100:.1f}%",
-                     f"{s['wall_seconds']:.1f}"])
+                     f"{s['wall_seconds']:.1f}", fast.get("mode", "-")])
     return head, body
 
 
