@@ -291,7 +291,12 @@ def choose(setting: str, model: nn.Module, input_shape: tuple[int, ...], batch: 
     if rates is None:
         source = ""
         t0 = time.perf_counter()
-        rates = (measure or probe)(model, tuple(input_shape), batch, modes, train=train)
+        try:
+            rates = (measure or probe)(model, tuple(input_shape), batch, modes, train=train)
+        except Exception as exc:  # e.g. a wrapped model (NNCF's QAT) that cannot be copied: train as before
+            why = f"the probe failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+            log(f"cpu fast path: {why}; fp32")
+            return FastPath("cpu", setting="auto", reason=why + "; fp32")
         _write_cache(path, machine, key, rates, log)
         log(f"cpu fast path: probed {', '.join(f'{m} {rates[m]:,.0f}' for m in modes)} img/s in "
             f"{time.perf_counter() - t0:.1f} s (cached in {path})")

@@ -176,3 +176,116 @@ def test_torch_benchmark_runner_runs_through_a_fast_path():
     out = runner(x)
     assert out.dtype == torch.float32 and not torch.equal(out, reference)    # bf16 rounding happened
     assert torch.allclose(out, reference, atol=0.05, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- in fit and the pipeline
+
+@pytest.fixture(scope="module")
+def data():
+    from compress.config import DataConfig
+    from compress.data import build_data
+
+    cfg = DataConfig(dataset="synthetic", batch_size=16, val_size=32,
+                     synthetic={"num_train": 160, "num_test": 32, "image_size": 8})
+    return build_data(cfg, torch.device("cpu"), seed=0)
+
+
+def test_resume_with_bf16_on_is_bit_exact(data, tmp_path):
+    from compress.training import Interrupted, fit
+    from tests.test_resume import Net, same_weights, scramble_rngs, sigterm_at, without_timing
+
+    def run(mode, checkpoint=None, model=None):
+        model = model or Net()
+        metrics = fit(model, data, OptimConfig(lr=0.05, cpu_fast_path=mode), 2, device=torch.device("cpu"),
+                      progress=False, log=lambda m: None, checkpoint=checkpoint)
+        return model, metrics
+
+    reference, ref_metrics = run("bf16_channels_last")
+    assert ref_metrics["fast_path"]["mode"] == "bf16_channels_last"
+    assert not same_weights(reference, run("off")[0])       # bf16 autocast really ran
+    ckpt, model = tmp_path / "checkpoint.pt", Net()
+    handle = sigterm_at(model, 13)
+    with pytest.raises(Interrupted):
+        run("bf16_channels_last", ckpt, model)
+    handle.remove()
+    scramble_rngs()
+    resumed, metrics = run("bf16_channels_last", ckpt)
+    assert same_weights(resumed, reference)
+    assert without_timing(metrics) == without_timing(ref_metrics)
+    assert all(v.is_contiguous() for v in resumed.state_dict().values())   # saved as plain fp32 NCHW
+
+
+def test_auto_in_fit_uses_the_probe_and_records_it(data, monkeypatch):
+    from compress.training import fit
+    from tests.test_resume import Net
+
+    monkeypatch.setattr(fastpath, "probe", StandIn(fp32=100, channels_last=300))
+    model = Net()
+    metrics = fit(model, data, OptimConfig(lr=0.05), 1, device=torch.device("cpu"), progress=False,
+                  log=lambda m: None)
+    assert metrics["fast_path"]["mode"] == "channels_last" and metrics["fast_path"]["setting"] == "auto"
+    assert metrics["fast_path"]["images_per_s"] == {"fp32": 100, "channels_last": 300}
+
+
+PIPELINE = """\
+name: fast
+seed: 0
+device: cpu
+data:
+  dataset: synthetic
+  synthetic: {num_train: 96, num_test: 16, num_classes: 4, image_size: 8}
+  batch_size: 32
+  val_size: 16
+stages:
+  teacher: {type: train, model: resnet8, epochs: 1, lr: 0.05, cpu_fast_path: channels_last}
+  student: {type: distill, from: teacher, model: resnet8, epochs: 1, lr: 0.05, cpu_fast_path: off}
+export: {parity_images: 8}
+engine: {precisions: [fp32]}
+benchmark: {runtimes: [torch], batch_sizes: [1], warmup: 0, iters: 1, cpu_fast_path: channels_last}
+"""
+
+
+def test_manifests_and_report_record_the_fast_path(tmp_path):
+    from compress import config
+    from compress.pipeline import run_pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text(PIPELINE)
+    cfg = config.load(path, ["report.dir=" + str(tmp_path / "reports")])
+    report_dir = run_pipeline(cfg, pipeline_path=path, runs_dir=tmp_path / "runs", log=lambda m: None,
+                              progress=False)
+    for stage, mode in [("teacher", "channels_last"), ("student", "fp32")]:
+        manifest = json.loads((tmp_path / "runs/fast" / stage / "manifest.json").read_text())
+        assert manifest["artifact"]["metrics"]["fast_path"]["mode"] == mode
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["stages"]["teacher"]["metrics"]["fast_path"]["setting"] == "channels_last"
+    assert {r["fast_path"] for r in report["artifacts"] if r["runtime"] == "torch"} == {"channels_last"}
+    assert "trained with" in (report_dir / "report.md").read_text()
+
+
+def test_bad_cpu_fast_path_in_yaml_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "p.yaml"
+    path.write_text(PIPELINE.replace("cpu_fast_path: off", "cpu_fast_path: turbo"))
+    proc = subprocess.run([sys.executable, "-m", "compress", "validate", str(path)], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error:") and "cpu_fast_path" in proc.stderr
+    from compress import config
+
+    path.write_text(PIPELINE.replace("cpu_fast_path: off", "cpu_fast_path: bf16, amp: false"))
+    with pytest.raises(config.ConfigError, match="amp is false") as err:
+        config.load(path)
+    assert len(str(err.value).splitlines()) == 1 and "p.yaml" in str(err.value)
+
+
+def test_a_probe_that_fails_means_fp32_and_nothing_cached(cache):
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot copy this model")
+
+    lines = []
+    path = choose(measure=broken, log=lines.append)
+    assert path.mode == "fp32" and "probe failed" in path.reason and "cannot copy" in lines[0]
+    assert not cache.exists()
