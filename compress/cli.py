@@ -27,22 +27,32 @@ def _crash_dir() -> Path:
     return Path(os.environ.get(CRASH_DIR_ENV) or default)
 
 
+WARNINGS_LOG: list[Path] = []  # where library warnings go now: the run's warnings.log during `run`
+
+
+@contextmanager
+def _warnings_log(path: Path):
+    """Send library warnings to `path` (created on the first warning) while the block runs."""
+    WARNINGS_LOG.append(path)
+    try:
+        yield
+    finally:
+        WARNINGS_LOG.pop()
+
+
 @contextmanager
 def _library_warnings_to(path: Path):
-    """Python warnings and library log records (PIL, matplotlib, torch) go to `path`, not the terminal."""
+    """Python warnings and library log records (PIL, matplotlib, torch) go to a file, not the terminal:
+    `path`, or the innermost `_warnings_log` path."""
     import logging
     import warnings
 
-    handler = None
-
     def show(message, category, filename, lineno, file=None, line=None):
-        nonlocal handler
+        target = WARNINGS_LOG[-1] if WARNINGS_LOG else path
         try:
-            if handler is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handler = open(path, "a", encoding="utf-8")
-            handler.write(warnings.formatwarning(message, category, filename, lineno, line))
-            handler.flush()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "a", encoding="utf-8") as handle:
+                handle.write(warnings.formatwarning(message, category, filename, lineno, line))
         except OSError:
             pass  # a warning that cannot be logged is dropped, never printed over the one-line output
 
@@ -60,8 +70,6 @@ def _library_warnings_to(path: Path):
     finally:
         warnings.showwarning = previous
         root.removeHandler(log_handler)
-        if handler is not None:
-            handler.close()
 
 
 class _Boundary(typer.core.TyperGroup):
@@ -271,6 +279,7 @@ def run(
     overrides = list(set_) + ([f"report.dir={reports}"] if reports else [])
     try:
         cfg = config.load(pipeline, overrides)
+        config.check_machine(cfg, pipeline)
         unknown = [s for s in force if s not in cfg.stages]
         if unknown:
             _fail(f"--force {unknown[0]!r}: no such stage in {pipeline} (stages: {', '.join(cfg.stages)})")
@@ -291,7 +300,7 @@ def run(
                                                 rdzv_id=rdzv_id))
         if not distributed.is_main_process():  # under torchrun: rank 0 talks, the others work quietly
             no_progress = True
-        with _sigterm_as_ctrl_c():
+        with _sigterm_as_ctrl_c(), _warnings_log(out / cfg.name / "warnings.log"):
             report_dir = run_pipeline(cfg, pipeline_path=pipeline, runs_dir=out, force=tuple(force),
                                       log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
                                       progress=not no_progress and sys.stderr.isatty())
@@ -326,6 +335,7 @@ def validate(
 
     try:
         cfg = config.load(pipeline, list(set_))
+        config.check_machine(cfg, pipeline)
     except config.ConfigError as exc:
         _fail(str(exc))
     typer.echo(f"{pipeline}: ok ({cfg.name}, {len(cfg.stages)} stages)")

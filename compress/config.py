@@ -270,6 +270,11 @@ class OptimConfig(Strict):
                                     "average of the weights, decay min(d, (1 + n) / (10 + n)) at update n "
                                     "(e.g. 0.999; null: off)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fast_path_off(cls, data):
+        return _yaml_off(data)
+
     @model_validator(mode="after")
     def _bf16_needs_amp(self):
         if not self.amp and self.cpu_fast_path.startswith("bf16"):
@@ -280,6 +285,13 @@ class OptimConfig(Strict):
     def _dump(self, handler):
         return _omit_at_default(self, handler(self), ("mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob",
                                                       "ema_decay", "compile", "weights", "reinit_classifier", "cpu_fast_path"))
+
+
+def _yaml_off(data):
+    """YAML 1.1 reads a bare `off` as false (and `on` as true): let `cpu_fast_path: off` mean "off"."""
+    if isinstance(data, dict) and isinstance(data.get("cpu_fast_path"), bool):
+        data = {**data, "cpu_fast_path": "off" if data["cpu_fast_path"] is False else "auto"}
+    return data
 
 
 # Distillation (distill stages, and the fine-tuning after prune). The loss is
@@ -606,6 +618,11 @@ class BenchmarkConfig(Strict):
         "auto", description="torch rows on CPU: channels-last and/or bf16 autocast; auto: what a short timed probe "
                             "of an inference forward finds fastest per model here (bf16 only with native AMX / "
                             "AVX-512 BF16); recorded as each row's fast_path")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fast_path_off(cls, data):
+        return _yaml_off(data)
 
 
 class ReportConfig(Strict):

@@ -414,13 +414,15 @@ LOGIT_TERMS = {"kd": KD, "dkd": DKD, "dist": DIST, "logit_std": LogitStd}
 FEATURE_TERMS = {"fitnet": FitNet, "at": AT}
 
 
-def build_loss(cfg, teachers: Sequence[nn.Module], student: nn.Module, data) -> DistillLoss:
-    """The loss a distill (or prune fine-tuning) config asks for; `cfg` is a compress.config.KDConfig
-    with `label_smoothing` (every stage that distills is also an OptimConfig).
+def build_loss(cfg, teachers: Sequence[nn.Module], student: nn.Module, data, opts=None) -> DistillLoss:
+    """The loss a distill, prune or QAT stage asks for; `cfg` is a compress.config.KDConfig, and `opts`
+    (default: `cfg` itself, as every stage that distills is also an OptimConfig) gives `label_smoothing`
+    and `batch_size`.
 
     `data` (a compress.data.DataModule) gives the steps per epoch (DKD's warm-up) and two real
     images to find the feature maps' shapes. Use it as `with build_loss(...) as loss: fit(...)`.
     """
+    opts = cfg if opts is None else opts
     weights = cfg.teacher_weights
     if weights is not None and len(weights) != len(teachers):
         raise ValueError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teacher(s)")
@@ -430,7 +432,7 @@ def build_loss(cfg, teachers: Sequence[nn.Module], student: nn.Module, data) -> 
     elif cfg.method == "logit_std":
         logit = LogitStd(t, weights)
     elif cfg.method == "dkd":
-        steps = round(cfg.dkd.warmup_epochs * data.steps_per_epoch(cfg.batch_size or data.batch_size))
+        steps = round(cfg.dkd.warmup_epochs * data.steps_per_epoch(opts.batch_size or data.batch_size))
         logit = DKD(t, cfg.dkd.tckd, cfg.dkd.nckd, steps, weights)
     elif cfg.method == "dist":
         logit = DIST(t, cfg.dist.inter, cfg.dist.intra, weights)
@@ -440,5 +442,5 @@ def build_loss(cfg, teachers: Sequence[nn.Module], student: nn.Module, data) -> 
     if cfg.features is not None:
         example, _ = data.images("train", 2)
         features = FEATURE_TERMS[cfg.features.method](teachers[0], student, cfg.features.pairs, example)
-    return DistillLoss(logit, alpha=cfg.alpha, ce_weight=cfg.ce_weight, label_smoothing=cfg.label_smoothing,
+    return DistillLoss(logit, alpha=cfg.alpha, ce_weight=cfg.ce_weight, label_smoothing=opts.label_smoothing,
                        features=features, feature_weight=cfg.features.weight if cfg.features else 0.0)

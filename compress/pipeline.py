@@ -15,9 +15,9 @@ compress.training); a killed run resumes there, and the file goes once the manif
 written. One run at a time per run directory: `runs/<name>/.lock` is held with flock, which
 the kernel releases when the process dies, so a killed run never leaves it stuck.
 
-Under torchrun (`compress run --nproc N`) every process runs this loop; the stages in
-DATA_PARALLEL_STAGES train in all of them (see compress.distributed), the rest run in rank 0,
-which alone writes files, and hands each artifact to the others.
+Under torchrun (`compress run --nproc N`) every process runs this loop; the stage types marked
+data_parallel in compress.config.STAGE_TYPES train in all of them (see compress.distributed), the rest
+run in rank 0, which alone writes files, and hands each artifact to the others.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from datetime import datetime, timezone
-from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
@@ -38,14 +37,13 @@ import torch
 import compress
 from compress import distributed
 from compress import tracking
-from compress.config import PipelineConfig
+from compress.config import STAGE_TYPES, PipelineConfig, weights_path
 from compress.context import Artifact, Context, seed_everything
 from compress.io import atomic_write_json, sha256_file
+from compress.weights import weights_digest
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-MODEL_STAGES = {"train", "distill", "prune", "quantize"}
-DATA_PARALLEL_STAGES = {"train", "distill", "prune"}   # trained by every process under torchrun
 
 
 class RunLockedError(RuntimeError):
@@ -91,8 +89,10 @@ def versions() -> dict:
     return {"compress": compress.__version__, **machine_info()["versions"]}
 
 
-def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_fingerprint: str) -> str:
+def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_fingerprint: str,
+              pipeline_dir: Path = Path(".")) -> str:
     stage = cfg.stages[name]
+    weights = getattr(stage, "weights", None)  # import, or fine-tuning: the weights file's bytes, not its name
     payload = {
         "stage": stage.model_dump(mode="json", by_alias=True),
         "data": cfg.data.model_dump(mode="json", exclude={"placement", "workers", "cache", "cache_dir"}),  # where, not what
@@ -103,6 +103,8 @@ def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_finge
                    for a in inputs},
         "compress": compress.__version__,
     }
+    if weights is not None:
+        payload["weights"] = weights_digest(weights_path(weights, pipeline_dir))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -129,14 +131,13 @@ def _cached(manifest_path: Path, key: str) -> tuple[Artifact | None, str]:
 
 
 def teachers_of(cfg: PipelineConfig, name: str, artifacts: dict[str, Artifact]) -> list[Artifact]:
-    """Who teaches a stage: distill -> its `from`; prune -> `teacher:`, else the teacher of the
-    model being pruned (or that model itself, when it was trained without one)."""
+    """Who teaches a stage (its row's `teachers` in STAGE_TYPES): "inputs" -> its `from`; "lineage" ->
+    `teacher:`, else the teacher of its parent (or the parent itself, when it was trained without one)."""
     stage = cfg.stages[name]
-    if stage.type == "distill":
+    kind = STAGE_TYPES[stage.type].teachers(stage)
+    if kind == "inputs":
         return [artifacts[n] for n in cfg.inputs(name)]
-    if stage.type in ("prune", "quantize"):
-        if stage.type == "quantize" and stage.method != "qat":
-            return []
+    if kind == "lineage":
         if cfg.extra_inputs(name):
             return [artifacts[n] for n in cfg.extra_inputs(name)]
         parent = artifacts[cfg.inputs(name)[0]]
@@ -167,10 +168,13 @@ def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = P
 def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: tuple[str, ...],
                 log: Callable[[str], None], progress: bool, started: float, device: torch.device) -> Path | None:
     from compress.data import build_data
+    from compress import stages
     from compress.stages import benchmark, engine, export, report
 
     if cfg.tracking is not None:  # a run that could not be logged at the end fails now, before any stage
         tracking.require(cfg.tracking, run_dir.parent)
+    from compress.runtime import require_runtimes
+    require_runtimes(cfg.benchmark.runtimes)  # an optional runtime the YAML asks for, missing: fail now
     main = distributed.is_main()
     if cfg.benchmark.threads:
         torch.set_num_threads(cfg.benchmark.threads)
@@ -186,7 +190,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
         stage_cfg = cfg.stages[name]
         inputs = [artifacts[n] for n in cfg.inputs(name)]
         teachers = teachers_of(cfg, name, artifacts)
-        key = stage_key(cfg, name, inputs + [t for t in teachers if t not in inputs], data.fingerprint)
+        key = stage_key(cfg, name, inputs + [t for t in teachers if t not in inputs], data.fingerprint, base_dir)
         stage_dir = run_dir / name
         manifest_path = stage_dir / MANIFEST
         if name not in force:
@@ -204,7 +208,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
             for leftover in stage_dir.glob(".*.tmp"):  # half-written files of a killed run (we hold the lock)
                 leftover.unlink(missing_ok=True)
         distributed.barrier()
-        data_parallel = stage_cfg.type in DATA_PARALLEL_STAGES
+        data_parallel = STAGE_TYPES[stage_cfg.type].data_parallel
         if not (main or data_parallel):  # rank 0 runs it; take its artifact
             artifacts[name] = distributed.broadcast(None)
             continue
@@ -216,9 +220,8 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
                       data=data, inputs=inputs, teachers=teachers, artifacts=artifacts, base_dir=base_dir,
                       log=log, progress=progress, checkpoint=checkpoint)
         t0 = time.perf_counter()
-        stage_module = import_module(f"compress.stages.{stage_cfg.type}")
         with distributed.training_stage() if data_parallel else nullcontext():
-            artifact = stage_module.run(stage_cfg, ctx)
+            artifact = stages.runner(stage_cfg.type)(stage_cfg, ctx)
         if not main:  # rank 0 saved the model; it exports and records it, then shares the artifact
             artifacts[name] = distributed.broadcast(None)
             continue

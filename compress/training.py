@@ -143,6 +143,20 @@ def recalibrate_bn(model: nn.Module, batches, max_batches: int = 20) -> None:
     model.train(was_training)
 
 
+def gradient_pass(model: nn.Module, batches, *, teachers: list[nn.Module] = (),
+                  kd_loss: Callable | None = None) -> None:
+    """Accumulate the loss's gradients over `batches` in `.grad`, without a step (prune's Taylor importance)."""
+    for x, y in batches:
+        logits = model(x)
+        if teachers:
+            with torch.no_grad():
+                t_logits = [t(x) for t in teachers]
+            loss = kd_loss(logits, t_logits, y)
+        else:
+            loss = F.cross_entropy(logits, y)
+        loss.backward()
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped training after a step; the checkpoint holds everything up to it."""
 

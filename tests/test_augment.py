@@ -283,7 +283,7 @@ def test_distilling_teachers_see_the_mixed_images(tiny_data):
 def test_qat_fine_tuning_with_ema_and_mixup(tiny_data):
     pytest.importorskip("nncf")
     from compress.losses import KDLoss
-    from compress.stages.quantize import nncf_qdq
+    from compress.quant import nncf_qdq
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from compress.stages import _sensitivity as sens
+from compress.quant import sensitivity as sens
 from compress.onnx_export import check_parity, export_bytes, export_onnx, onnx_session
-from compress.stages.quantize import (fold_batchnorm, nncf_qdq, ort_qdq, qdq_zero_points,
-                                      quantize_ort, quantize_ptq, write_qdq)
+from compress.quant import (fold_batchnorm, nncf_qdq, ort_qdq, qdq_zero_points,
+                            quantize_ort, quantize_ptq, write_qdq)
 
 INPUT_SHAPE = (3, 24, 24)
 NUM_CLASSES = 4

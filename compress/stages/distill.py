@@ -13,11 +13,13 @@ from compress.config import DistillStage
 from compress.context import Artifact, Context, StageError
 from compress.losses import build_loss
 from compress.training import fit
+from compress.weights import start_from
 
 
 def run(cfg: DistillStage, ctx: Context) -> Artifact:
     teachers = [ctx.load_model(a) for a in ctx.teachers]
     student = ctx.build_model(cfg.model)
+    started = start_from(student, cfg, ctx)  # weights: the student starts from them
     try:
         loss = build_loss(cfg, teachers, student, ctx.data)
     except ValueError as exc:  # e.g. a feature layer the model does not have
@@ -25,9 +27,9 @@ def run(cfg: DistillStage, ctx: Context) -> Artifact:
     with loss:  # removes the feature hooks from the student and the teacher afterwards
         metrics = fit(student, ctx.data, cfg, cfg.epochs, device=ctx.device, teachers=teachers, kd_loss=loss,
                       log=ctx.log, progress=ctx.progress, desc=ctx.stage_name, checkpoint=ctx.checkpoint)
-    metrics["teachers"] = [a.name for a in ctx.teachers]
+    metrics.update(started, teachers=[a.name for a in ctx.teachers])
     metrics["distill"] = describe(cfg, loss)
-    return ctx.save_model(student, cfg.model, "distill", metrics, parent=ctx.inputs[0].name)
+    return ctx.save_model(student, cfg.model, cfg.type, metrics, parent=ctx.inputs[0].name)
 
 
 def describe(cfg: DistillStage, loss) -> dict:
