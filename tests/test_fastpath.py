@@ -157,6 +157,7 @@ def test_config_key_defaults_and_bad_values():
     assert OptimConfig().cpu_fast_path == "auto"
     assert "cpu_fast_path" not in OptimConfig().model_dump()     # cache keys of existing configs unchanged
     assert OptimConfig(cpu_fast_path="off").model_dump()["cpu_fast_path"] == "off"
+    assert OptimConfig(cpu_fast_path=False).cpu_fast_path == "off"        # YAML reads a bare `off` as false
     with pytest.raises(ValueError, match="cpu_fast_path"):
         OptimConfig(cpu_fast_path="fp16")
     with pytest.raises(ValueError, match="amp is false"):
