@@ -7,7 +7,7 @@ PIPELINE ?= pipelines/distill.yaml
 TORCH    := torch==2.13.0
 FMNIST   := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data run test lint clean
+.PHONY: setup data run test lint clean gpu-wheels gpu-check
 
 setup: $(VENV)/.installed data
 
@@ -38,3 +38,16 @@ test: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The GPU day (scripts/gpu_check.py). On a networked machine: the wheels an air-gapped GPU image
+# lacks, for its Python (GPU_PYTHON), into .gpu-wheels/ (ignored, kept under 56 MiB). On the GPU
+# machine, with .gpu-wheels/ brought along: set up offline over the machine's own PyTorch, run every
+# test that skips without a GPU and a short GPU pipeline, write .gpu-check/gpu-check.json; exit 1 if
+# a check failed, 3 on a machine with no CUDA GPU.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= .gpu-wheels
+gpu-wheels: $(VENV)/.installed
+	$(BIN)/python scripts/gpu_check.py prepare --wheels $(GPU_WHEELS) --python $(GPU_PYTHON)
+
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py run --wheels $(GPU_WHEELS)

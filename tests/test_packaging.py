@@ -57,3 +57,13 @@ def test_no_message_or_doc_suggests_installing_the_unrelated_project():
     hits = [f"{f.relative_to(ROOT)}: {m.group(0)}" for f in files if f.is_file()
             for m in WRONG_HINT.finditer(f.read_text(encoding="utf-8", errors="replace"))]
     assert not hits, hits
+
+
+def test_supported_torch_range_covers_the_gpu_image_and_the_pin():
+    from packaging.requirements import Requirement
+
+    torch_req = next(Requirement(r) for r in _pyproject()["project"]["dependencies"] if r.startswith("torch>"))
+    pinned = re.search(r"^torch==([\d.]+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    for version in ("2.11.0", pinned):  # the GPU image's torch, and the one the suite runs on
+        assert torch_req.specifier.contains(version), version
+    assert not torch_req.specifier.contains("2.10.0")
