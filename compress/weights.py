@@ -35,6 +35,19 @@ PREFIXES = ("module.", "_orig_mod.", "model.")
 WRAPPER_KEYS = ("n_averaged",)
 
 
+def weights_digest(path: str | os.PathLike) -> str:
+    """The file's sha256 (for cache keys), with the same one-line errors as reading it."""
+    from compress.io import sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file" if not path.exists() else f"{path}: not a file")
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the weights file ({exc.strerror or exc})") from None
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, info) from a weights file of any supported form; info says what was found."""
     path = Path(path)
@@ -167,3 +180,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, num_classes: int,
             raise CheckpointError(f"{path}: {k} is {v.dtype}, expected floating point")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     return {"weights": str(path), "weights_format": info["format"], "reinitialised": skipped}
+
+
+def start_from(model: nn.Module, stage_cfg, ctx) -> dict:
+    """`weights:` on a train or distill stage: load them before training (fine-tuning); {} without them."""
+    if getattr(stage_cfg, "weights", None) is None:
+        return {}
+    from compress.config import weights_path
+
+    loaded = load_weights(model, weights_path(stage_cfg.weights, ctx.base_dir), num_classes=ctx.data.num_classes,
+                          model_name=repr(stage_cfg.model), reinit_classifier=stage_cfg.reinit_classifier)
+    ctx.log(f"[{ctx.stage_name}] starting from {loaded['weights']} ({loaded['weights_format']})"
+            + (f", {' and '.join(loaded['reinitialised'])} afresh" if loaded["reinitialised"] else ""))
+    return {"start_from": loaded}
