@@ -101,6 +101,27 @@ def pruned_flags(rows: list[dict]) -> list[dict]:
     return flags
 
 
+def parity_flags(rows: list[dict]) -> list[dict]:
+    """Rows (a TensorRT engine, an OpenVINO model...) whose top-1 decisions on the parity images
+    disagree with ONNX Runtime running the ONNX they came from more than their precision allows."""
+    flags = []
+    for r in rows:
+        p = r.get("parity") or {}
+        agree, minimum = p.get("top1_agreement"), p.get("min_agreement")
+        if agree is None or minimum is None or agree >= minimum:
+            continue
+        flags.append({
+            "artifact": r["name"], "runtime": r["runtime"], "batch": None, "kind": "outputs_disagree",
+            "reference": {"runtime": p.get("reference"), "precision": p.get("reference_precision")},
+            "top1_agreement": agree, "max_abs_diff": p.get("max_abs_diff"),
+            "message": f"{r['runtime']} {r['precision'].upper()} agrees with {p.get('reference')} "
+                       f"{str(p.get('reference_precision') or r['precision']).upper()} on {agree:.1%} of "
+                       f"{p.get('n')} parity images (at least {minimum:.0%} expected), max |diff| "
+                       f"{p.get('max_abs_diff')}",
+        })
+    return flags
+
+
 def summary_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The artifacts table (header, cells), ok rows sorted by p50 latency at the smallest batch size."""
     ok, batches = _ok(rows), _batches(rows)
@@ -118,6 +139,21 @@ def summary_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             cells += [f"{lat['p50']:.3f} / {lat['p99']:.3f}" if lat else "-",
                       f"{r['throughput_ips'][str(b)]:,.0f}" if lat else "-"]
         body.append(cells)
+    return head, body
+
+
+def parity_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Each row checked against ONNX Runtime on the parity images (TensorRT engines, OpenVINO...)."""
+    head = ["artifact", "runtime", "precision", "reference", "max abs diff", "top-1 agreement", "images"]
+    body = []
+    for r in rows:
+        p = r.get("parity") or {}
+        if p.get("top1_agreement") is None:
+            continue
+        ref = f"{p.get('reference')} {str(p.get('reference_precision') or r['precision'])}"
+        body.append([r["name"], r["runtime"], r["precision"], ref,
+                     "-" if p.get("max_abs_diff") is None else f"{p['max_abs_diff']:.2e}",
+                     f"{p['top1_agreement'] * 100:.1f}%", str(p.get("n", "-"))])
     return head, body
 
 
@@ -218,6 +254,8 @@ def render_markdown(report: dict) -> str:
     lines += ["## Artifacts (sorted by latency)", ""] + table(*summary_table(rows))
     lines += ["", "Latency: warm-up, then timed iterations; p50/p90/p99 over iterations "
               "(full numbers in report.json). CPU timings use the thread count shown in the device column.", ""]
+    if parity_table(rows)[1]:
+        lines += ["## Runtime parity (vs ONNX Runtime, parity images)", ""] + table(*parity_table(rows)) + [""]
     flags = report.get("flags") or []
     if flags:
         lines += ["## Flags", ""] + [f"- **{f['artifact']}**: {f['message']}" for f in flags] + [""]
@@ -278,6 +316,8 @@ def render_html(report: dict, png: bytes | None = None, layer_texts: dict[str, s
              "<h2>Artifacts (sorted by latency)</h2>", table(*summary_table(rows), numeric_from=6),
              "<p class=note>Latency: warm-up, then timed iterations; p50/p90/p99 over iterations (full numbers in "
              "report.json). CPU timings use the thread count shown in the device column.</p>"]
+    if parity_table(rows)[1]:
+        parts += ["<h2>Runtime parity (vs ONNX Runtime, parity images)</h2>", table(*parity_table(rows), numeric_from=4)]
     flags = report.get("flags") or []
     if flags:
         parts += ["<h2>Flags</h2>", "<div class=flags><ul>"]
@@ -321,7 +361,7 @@ def run(cfg, ctx, rows: list[dict], *, stage_times: dict, pipeline_path: Path) -
         "wall_seconds": {k: round(v, 2) for k, v in stage_times.items()},
         "stages": stages,
         "artifacts": rows,
-        "flags": int8_flags(rows) + pruned_flags(rows),
+        "flags": int8_flags(rows) + pruned_flags(rows) + parity_flags(rows),
         # where the stage directories are, and what a deployed model must do to an image (`compress deploy`)
         "run_dir": str(ctx.run_dir),
         "data": ctx.data.summary() if ctx.data is not None else None,
