@@ -347,6 +347,29 @@ def validate(
 
 
 @app.command()
+def init(
+    model: str = typer.Argument(..., help="Registry name (see `compress models`) or path/to/file.py:ClassName."),
+    data: Path = typer.Option(..., "--data", "-d", help="Image folder: train/<class>/*.jpg, optional test/."),
+    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Trained weights (.pt/.pth state_dict, "
+                                           ".safetensors, a checkpoint, or a compress model.pt)."),
+    output: Path = typer.Option(Path("pipeline.yaml"), "--output", "-o", help="Where to write the pipeline "
+                                "(never overwritten)."),
+) -> None:
+    """Write a commented starter pipeline for a model you already have: import it (or train it), distill it
+    into a student, prune, quantize and benchmark; validated before it is written.
+
+    **Example:** `compress init resnet18 --weights resnet18.pth --data images/ -o pipeline.yaml`
+    """
+    from compress.scaffold import InitError, init as write_starter
+
+    try:
+        command = write_starter(model, weights, data, output)
+    except (InitError, *_user_errors()) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {output}; run it with:\n  {command}")
+
+
+@app.command()
 def models(
     pattern: Optional[str] = typer.Argument(None, help="Glob filter, e.g. 'mobilenet*'."),
     input_size: str = typer.Option("1,28,28", "--input-size", help="C,H,W of one input image."),
@@ -514,7 +537,8 @@ def deploy(
 
 @app.command()
 def serve(
-    bundle: Path = typer.Argument(..., help="A bundle directory written by `compress deploy` (onnx, jetson or triton)."),
+    bundle: Path = typer.Argument(..., help="A bundle directory written by `compress deploy` (onnx, jetson, openvino, "
+                                            "or a triton repository with one model)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", "-p", help="TCP port; 0 picks a free one (printed at start)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Requests run in parallel, each worker with "
@@ -524,6 +548,8 @@ def serve(
     max_batch: int = typer.Option(64, "--max-batch", help="Most images in one request."),
     strict: bool = typer.Option(False, "--strict", help="Refuse images of another size or channel count (422) "
                                                         "instead of converting them as infer.py does."),
+    runtime: str = typer.Option("auto", "--runtime", help="onnxruntime or openvino (auto: openvino for an openvino "
+                                                          "bundle, else onnxruntime)."),
 ) -> None:
     """Serve a deploy bundle over HTTP: POST /predict, GET /health, GET /metrics, and a page at /.
 
@@ -539,7 +565,8 @@ def serve(
 
     try:
         run_server(bundle, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb, max_batch=max_batch,
-                   strict=strict, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+                   strict=strict, runtime=runtime,
+                   log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
     except BundleError as exc:
         _fail(str(exc))
 

@@ -73,7 +73,7 @@ def bundle(tmp_path_factory):
         images[-1].write_bytes(png(x[0]))
     rgb = tmp / "rgb.png"   # another size and channel count: converted and resized as infer.py does
     rgb.write_bytes(png(np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)))
-    return {"dir": out, "images": images, "rgb": rgb, "tmp": tmp,
+    return {"dir": out, "images": images, "rgb": rgb, "tmp": tmp, "report": report,
             "manifest": json.loads((out / "manifest.json").read_text())}
 
 
@@ -184,6 +184,44 @@ def test_resize_and_centre_crop_as_the_manifest_says(bundle, tmp_path):
         assert srv.stop() == 0
     res = CliRunner().invoke(app, ["serve", str(copy), "--port", "0"])
     assert res.exit_code == 2 and "resize_mode 'stretch' is not one this server knows" in res.stderr
+
+
+def test_a_triton_repository_and_an_openvino_ir_bundle(bundle, tmp_path):
+    from compress.deploy import deploy
+    from compress.io import sha256_file
+
+    images = bundle["images"][:6]
+    expected = infer_py(bundle, images)
+    # A Triton model repository holding one model: served from the repository's root.
+    repo = deploy(bundle["report"], "net", "triton", tmp_path / "repo", log=lambda m: None)
+    srv = Server(repo, "--workers", "1")
+    try:
+        for path, want in zip(images, expected):
+            body = srv.client.post("/predict", content=path.read_bytes()).json()
+            assert body["predictions"][0]["index"] == want["index"]
+        assert body["model"]["target"] == "triton" and body["model"]["file"] == "model.onnx"
+    finally:
+        assert srv.stop() == 0
+    # An OpenVINO IR beside the ONNX, in a bundle whose target is openvino: OpenVINO serves it.
+    ov = pytest.importorskip("openvino")
+    copy = tmp_path / "ov"
+    shutil.copytree(bundle["dir"], copy)
+    ov.save_model(ov.convert_model(str(copy / "model.onnx")), str(copy / "model.xml"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"] = "openvino"
+    manifest["files"].update({n: sha256_file(copy / n) for n in ("model.xml", "model.bin")})
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    srv = Server(copy, "--workers", "2")
+    try:
+        health = srv.client.get("/health").json()
+        assert (health["model"]["runtime"], health["model"]["file"]) == ("openvino", "model.xml")
+        assert health["model"]["sha256"] == manifest["files"]["model.xml"]
+        for path, want in zip(images, expected):
+            (p,) = srv.client.post("/predict", content=path.read_bytes()).json()["predictions"]
+            # another runtime than infer.py's ONNX Runtime: its float rounding differs in the 5th decimal
+            assert (p["index"], p["score"]) == (want["index"], pytest.approx(want["probability"], abs=1e-4))
+    finally:
+        assert srv.stop() == 0
 
 
 @functools.cache

@@ -9,8 +9,8 @@
 
 The bundle is verified before the socket opens (every file's sha256 against its manifest), so
 a server answers with the model the manifest names or does not start. Starlette on uvicorn; the
-inference runs in `workers` threads, each with its own ONNX Runtime session (workers.py says
-why threads). Nothing here imports torch: the server starts in about a second.
+inference runs in `workers` threads, each with its own ONNX Runtime (or OpenVINO) session
+(workers.py says why threads). Nothing here imports torch: the server starts in about a second.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(bundle_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int | None = None,
-          max_upload_mb: float = 10.0, max_batch: int = 64, strict: bool = False,
+          max_upload_mb: float = 10.0, max_batch: int = 64, strict: bool = False, runtime: str = "auto",
           log: Callable[[str], None] = print) -> None:
     """Verify the bundle, load `workers` runtime sessions, listen, and serve until Ctrl-C or SIGTERM.
 
@@ -73,7 +73,7 @@ def serve(bundle_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         raise BundleError(f"compress serve needs {exc.name or 'its web stack'}: {install_hint('serve')}") from None
 
     bundle = load_bundle(bundle_dir)
-    pool = Workers(bundle, workers or default_workers())
+    pool = Workers(bundle, workers or default_workers(), runtime=runtime)
     try:
         sock = _listen(host, port)
         app = create_app(pool, max_upload=int(max_upload_mb * (1 << 20)), max_batch=max_batch, strict=strict)
@@ -81,9 +81,9 @@ def serve(bundle_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
                                                lifespan="off", timeout_graceful_shutdown=5))
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        log(f"serving {bundle.name} ({bundle.precision}, sha256 {bundle.model_sha256[:12]}) from {bundle.root} "
-            f"on http://{shown}:{bound_port} with {pool.count} worker{'s' if pool.count > 1 else ''} "
-            f"({pool.provider}); Ctrl-C stops")
+        log(f"serving {bundle.name} ({bundle.precision}, {pool.model_path.name} sha256 {pool.model_sha256[:12]}) "
+            f"from {bundle.root} on http://{shown}:{bound_port} with {pool.count} worker"
+            f"{'s' if pool.count > 1 else ''} ({pool.provider}); Ctrl-C stops")
         if not ipaddress.ip_address(bound_host).is_loopback:
             log(f"note: {host} is reachable from other machines, and the server has no authentication")
         _run_until_stopped(server, sock)

@@ -32,7 +32,8 @@ from compress.serve.workers import Workers
 
 ENDPOINTS = ("/", "/predict", "/health", "/metrics")
 FIELD = "image"   # the multipart field; repeat it for a batch
-RAW_TYPES = ("image/", "application/octet-stream")
+# A raw body is the image's bytes under any of these types (curl --data-binary sends the last by default).
+RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 # The page may use nothing but itself: no scripts, styles, fonts or images from anywhere else.
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; "
@@ -60,7 +61,7 @@ class Metrics:
         self.in_flight = Gauge("compress_serve_requests_in_flight", "Requests being served now", registry=r)
         b = workers.bundle
         Info("compress_serve_model", "The model being served", registry=r).info(
-            {"name": b.name, "precision": b.precision, "sha256": b.model_sha256, "provider": workers.provider,
+            {"name": b.name, "precision": b.precision, "sha256": workers.model_sha256, "provider": workers.provider,
              "workers": str(workers.count)})
 
 
@@ -153,7 +154,7 @@ def create_app(workers: Workers, *, max_upload: int = 10 << 20, max_batch: int =
     """The ASGI app around a loaded worker pool."""
     bundle = workers.bundle
     metrics = Metrics(workers)
-    model = bundle.describe()
+    model = workers.describe()
     page = resources.files("compress.serve").joinpath("page.html").read_text(encoding="utf-8")
     started = time.time()
 

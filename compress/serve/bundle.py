@@ -27,7 +27,10 @@ import numpy as np
 
 FORMAT_PREFIX = "compress.deploy/"
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}   # Pillow mode for a channel count, as infer.py maps them
-MODEL_FILES = ("model.onnx", "1/model.onnx")   # flat bundle (onnx, jetson), Triton model directory
+# Each runtime's model files, first found first: in a flat bundle (onnx, jetson, openvino) or a Triton
+# model directory. OpenVINO reads its IR, or else the ONNX.
+MODEL_FILES = {"onnxruntime": ("model.onnx", "1/model.onnx"),
+               "openvino": ("model.xml", "1/model.xml", "model.onnx", "1/model.onnx")}
 MAX_PIXELS = 4096 * 4096   # a decoded image larger than this is refused before Pillow allocates it
 RESIZE_MODES = ("shorter_side_center_crop",)
 
@@ -170,17 +173,15 @@ class Bundle:
     name: str             # the artifact (stage) name
     precision: str
     target: str
-    model_path: Path
-    model_sha256: str
+    models: dict[str, tuple[Path, str]] = field(repr=False)   # runtime -> (model file, its sha256)
     labels: list[str] = field(repr=False)
     preprocess: Preprocess
     input_name: str
 
     def describe(self) -> dict:
-        """The model as a client sees it (/health, every prediction)."""
         art = self.manifest.get("artifact") or {}
         return {"name": self.name, "model": art.get("model"), "precision": self.precision, "target": self.target,
-                "sha256": self.model_sha256, "num_classes": len(self.labels),
+                "num_classes": len(self.labels),
                 "input": {"channels": self.preprocess.channels, "height": self.preprocess.height,
                           "width": self.preprocess.width, "mode": self.preprocess.mode,
                           "resize": self.preprocess.resize}}
@@ -228,9 +229,11 @@ def load_bundle(path: str | Path) -> Bundle:
         if _sha256(file) != digest:
             raise BundleError(f"{file}: sha256 differs from manifest.json (changed or partly copied); "
                               f"deploy the bundle again")
-    model_rel = next((m for m in MODEL_FILES if m in files), None)
-    if model_rel is None:
-        raise BundleError(f"{where}: the bundle ships no ONNX model ({' or '.join(MODEL_FILES)})")
+    models = {runtime: (root / rel, files[rel]) for runtime, names in MODEL_FILES.items()
+              for rel in names[::-1] if rel in files}
+    if not models:
+        raise BundleError(f"{where}: the bundle ships no model this server runs "
+                          f"({', '.join(sorted({n for names in MODEL_FILES.values() for n in names}))})")
     labels = manifest.get("labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(v, str) for v in labels):
         raise BundleError(f"{where}: 'labels' must be a non-empty list of class names")
@@ -238,6 +241,6 @@ def load_bundle(path: str | Path) -> Bundle:
     inp = manifest.get("input") if isinstance(manifest.get("input"), dict) else {}
     return Bundle(root=root, manifest=manifest, name=str(art.get("name") or root.name),
                   precision=str(manifest.get("precision", "?")), target=str(manifest.get("target", "?")),
-                  model_path=root / model_rel, model_sha256=files[model_rel], labels=labels,
+                  models=models, labels=labels,
                   preprocess=Preprocess.from_manifest(manifest.get("preprocess"), where),
                   input_name=str(inp.get("name") or "input"))
