@@ -27,7 +27,6 @@ import json
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -35,14 +34,13 @@ from typing import Callable
 import torch
 
 import compress
-from compress import distributed
+from compress import distributed, rundir
 from compress import tracking
-from compress.config import STAGE_TYPES, PipelineConfig, weights_path
+from compress.config import STAGE_TYPES, PipelineConfig, check_weights_files, weights_path
 from compress.context import Artifact, Context, seed_everything
-from compress.io import atomic_write_json, sha256_file
+from compress.io import sha256_file
 from compress.weights import weights_digest
 
-MANIFEST = "manifest.json"
 LOCK = ".lock"
 
 
@@ -108,26 +106,21 @@ def stage_key(cfg: PipelineConfig, name: str, inputs: list[Artifact], data_finge
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _cached(manifest_path: Path, key: str) -> tuple[Artifact | None, str]:
+def _cached(stage_dir: Path, key: str) -> tuple[Artifact | None, str]:
     """The artifact a previous run left for this key, or None and why not (empty: nothing to say)."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
+        manifest = rundir.read_stage(stage_dir, key=key)
+    except (rundir.NoManifest, rundir.StageUnfinished):
         return None, ""
-    if not isinstance(manifest, dict) or manifest.get("key") != key or manifest.get("status") != "done":
-        return None, ""
-    try:
-        artifact = Artifact(**manifest["artifact"])
-        outputs = dict(manifest["outputs"])
-    except (KeyError, TypeError, ValueError):
-        return None, f"{manifest_path} is damaged"
-    for kind, file in artifact.files.items():
+    except rundir.RunDirError as exc:
+        return None, str(exc)
+    for kind, file in manifest.artifact.files.items():
         if not Path(file).is_file():
             return None, f"{file} is missing"
         # A file changed behind the manifest's back (truncated, edited, half-copied): never trust it.
-        if outputs.get(kind) != sha256_file(file):
+        if manifest.outputs.get(kind) != sha256_file(file):
             return None, f"{file} does not match the hash its manifest recorded"
-    return artifact, ""
+    return manifest.artifact, ""
 
 
 def teachers_of(cfg: PipelineConfig, name: str, artifacts: dict[str, Artifact]) -> list[Artifact]:
@@ -153,6 +146,7 @@ def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = P
     Under torchrun, processes other than rank 0 return None once the stages are done.
     """
     started = time.perf_counter()
+    check_weights_files(cfg, pipeline_path.parent)  # before anything is written
     run_dir = runs_dir / cfg.name
     device = distributed.init(resolve_device(cfg.device))
     try:
@@ -169,6 +163,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
                 log: Callable[[str], None], progress: bool, started: float, device: torch.device) -> Path | None:
     from compress.data import build_data
     from compress import stages
+    from compress import ensemble
     from compress.stages import benchmark, engine, export, report
 
     if cfg.tracking is not None:  # a run that could not be logged at the end fails now, before any stage
@@ -192,9 +187,8 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
         teachers = teachers_of(cfg, name, artifacts)
         key = stage_key(cfg, name, inputs + [t for t in teachers if t not in inputs], data.fingerprint, base_dir)
         stage_dir = run_dir / name
-        manifest_path = stage_dir / MANIFEST
         if name not in force:
-            cached, why = distributed.broadcast(_cached(manifest_path, key) if main else None)
+            cached, why = distributed.broadcast(_cached(stage_dir, key) if main else None)
             if cached is not None:
                 artifacts[name] = cached
                 stage_times[name] = 0.0
@@ -230,21 +224,17 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
         artifact.metrics["wall_seconds"] = round(wall, 2)
         stage_times[name] = wall
         artifacts[name] = artifact
-        atomic_write_json(manifest_path, {
-            "status": "done",
-            "key": key,
-            "stage": name,
-            "config": stage_cfg.model_dump(mode="json", by_alias=True),
-            "inputs": {a.name: {k: sha256_file(v) for k, v in a.files.items()} for a in inputs},
-            "teachers": [t.name for t in teachers],
-            "outputs": {k: sha256_file(v) for k, v in artifact.files.items()},
-            "versions": versions(),
-            "data": data.summary(),  # preprocessing and labels: a run directory alone is deployable
-            "wall_seconds": round(wall, 2),
-            "processes": distributed.world() if data_parallel else 1,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "artifact": asdict(artifact),
-        })
+        rundir.write_stage(stage_dir, rundir.StageManifest(
+            stage=name, key=key, artifact=artifact,
+            config=stage_cfg.model_dump(mode="json", by_alias=True),
+            inputs={a.name: {k: sha256_file(v) for k, v in a.files.items()} for a in inputs},
+            teachers=[t.name for t in teachers],
+            outputs={k: sha256_file(v) for k, v in artifact.files.items()},
+            versions=versions(),
+            data=data.summary(),  # preprocessing and labels: a run directory alone is deployable
+            wall_seconds=round(wall, 2),
+            processes=distributed.world() if data_parallel else 1,
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds")))
         for done in stage_dir.glob("checkpoint-*.pt"):  # the manifest now vouches for the result
             done.unlink(missing_ok=True)
         log(f"[{name}] done in {wall:.1f} s")
@@ -256,8 +246,10 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
                   data=data, inputs=list(artifacts.values()), teachers=[], artifacts=artifacts,
                   base_dir=base_dir, log=log, progress=progress)
     engines = engine.run(cfg.engine, ctx)
+    rundir.record_engines(run_dir, engines)
     t0 = time.perf_counter()
     rows = benchmark.run(cfg.benchmark, ctx, engines)
+    rows += ensemble.rows(ctx, rows, cfg.benchmark.accuracy_split)   # several teachers: their average too
     stage_times["benchmark"] = time.perf_counter() - t0
     stage_times["total"] = time.perf_counter() - started
     report_dir = report.run(cfg, ctx, rows, stage_times=stage_times, pipeline_path=pipeline_path)
