@@ -13,7 +13,8 @@ a small JSON file (`~/.cache/compress/fastpath.json`, `$XDG_CACHE_HOME` honoured
   bf16 in fp32 arithmetic plus conversions: it runs, slowly, so `auto` never picks it there;
   an explicit `cpu_fast_path: bf16` still runs it (with a warning), e.g. to test resume.
 * A mode must beat fp32 by MARGIN to be picked: a probe on a busy machine is noisy, and a
-  mode that wins by less is not worth a change of numerics.
+  mode that wins by less is not worth a change of numerics. A run of fewer than
+  MIN_PROBE_STEPS steps is not probed (fp32, unless the cache already knows better).
 * The probe never touches the caller's model or the global RNG (it runs on a deep copy,
   inside `torch.random.fork_rng`), so seeds and resume behave as without it.
 * On CUDA nothing is probed: channels-last always, and `amp:` picks bf16 (or fp16 with a
@@ -46,6 +47,7 @@ SETTINGS = ("auto", "off", "channels_last", "bf16", "bf16_channels_last")
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")   # /proc/cpuinfo flags of a CPU that computes in bf16
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 MARGIN = 1.05            # a mode must be this much faster than fp32 (images/s) for `auto` to pick it
+MIN_PROBE_STEPS = 100    # fewer steps to run than this: a probe (~10 steps, plus set-up) costs more than it saves
 PROBE_WARMUP = 2         # untimed steps per mode (allocator, oneDNN primitive cache)
 PROBE_STEPS = 3          # timed steps per mode; the fastest counts (noise on a shared machine only slows)
 CACHE_FORMAT = "compress.fastpath/1"
@@ -256,13 +258,14 @@ def decide(rates: dict[str, float]) -> tuple[str, str]:
 
 def choose(setting: str, model: nn.Module, input_shape: tuple[int, ...], batch: int, *,
            device: torch.device | str, amp: bool = True, train: bool = True,
-           log: Callable[[str], None] = print, flags: set[str] | None = None,
+           steps: int | None = None, log: Callable[[str], None] = print, flags: set[str] | None = None,
            measure: Callable[..., dict[str, float]] | None = None) -> FastPath:
     """The FastPath for `model` on `device`: explicit settings as given, `auto` from a (cached) probe.
 
     setting   auto | off | channels_last | bf16 | bf16_channels_last (the config's `cpu_fast_path`)
     amp       the config's `amp`: false keeps bf16 out of `auto` (and CUDA in fp32)
     train     probe a training step (True) or an inference forward (False, the benchmark rows)
+    steps     how many steps the choice is for (None: many); below MIN_PROBE_STEPS nothing is measured
     flags     CPU flags (default: this CPU's); `measure` replaces the probe (tests inject timings)
     """
     device = torch.device(device)
@@ -288,6 +291,8 @@ def choose(setting: str, model: nn.Module, input_shape: tuple[int, ...], batch: 
     path, machine, key = cache_path(), machine_key(flags), model_key(model, input_shape, batch, train)
     rates = _cached_rates(_read_cache(path, log), machine, key, modes)
     source = "cached "
+    if rates is None and steps is not None and steps < MIN_PROBE_STEPS:
+        return FastPath("cpu", setting="auto", reason=f"fp32: {steps} steps are too few to be worth a probe")
     if rates is None:
         source = ""
         t0 = time.perf_counter()

@@ -95,6 +95,15 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert fastpath.isa(AMX) == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
 
 
+def test_short_runs_are_not_probed_unless_the_cache_knows():
+    probe = StandIn(fp32=100, channels_last=200)
+    short = fastpath.choose("auto", tiny(), (1, 8, 8), 16, device="cpu", flags=PLAIN, measure=probe, steps=20)
+    assert short.mode == "fp32" and "too few" in short.reason and probe.calls == []
+    choose(measure=probe)                                                     # a long run measures and caches
+    again = fastpath.choose("auto", tiny(), (1, 8, 8), 16, device="cpu", flags=PLAIN, measure=probe, steps=20)
+    assert again.mode == "channels_last" and len(probe.calls) == 1
+
+
 def test_probe_is_cached_per_machine_and_model(cache):
     probe = StandIn(fp32=100, channels_last=200, bf16=300, bf16_channels_last=50)
     assert choose(measure=probe).mode == "channels_last"
@@ -221,6 +230,7 @@ def test_auto_in_fit_uses_the_probe_and_records_it(data, monkeypatch):
     from tests.test_resume import Net
 
     monkeypatch.setattr(fastpath, "probe", StandIn(fp32=100, channels_last=300))
+    monkeypatch.setattr(fastpath, "MIN_PROBE_STEPS", 1)       # 1 epoch here is 8 steps
     model = Net()
     metrics = fit(model, data, OptimConfig(lr=0.05), 1, device=torch.device("cpu"), progress=False,
                   log=lambda m: None)
