@@ -181,6 +181,8 @@ def score_runtime(job: dict) -> list[dict[str, Any]]:
                 if runtime == "torch" and device.type == "cpu":  # channels-last / bf16 where they pay here
                     path = fastpath.choose(cfg.cpu_fast_path, runner.model, tuple(inputs["parity"].shape[1:]),
                                            max(cfg.batch_sizes), device=device, train=False,
+                                           steps=(cfg.warmup + cfg.iters) * len(cfg.batch_sizes)
+                                           + len(inputs["eval"]),
                                            log=lambda m: print(f"[benchmark] {art.name}: {m}", flush=True))
                     runner.use(path)
                     row["fast_path"] = path.mode
