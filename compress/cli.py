@@ -431,6 +431,8 @@ def compare(
 
     try:
         gates = [cmp.parse_gate(g) for g in fail_if]
+        if plot is not None:  # before any work: a plot path that cannot be written is a usage error
+            cmp.check_plot_path(plot)
         result = cmp.compare([cmp.load_report(r) for r in reports], include_mismatched=include_mismatched)
     except cmp.CompareError as exc:
         _fail(str(exc))
@@ -445,7 +447,10 @@ def compare(
     if result.machine_note:
         out.print(f"[yellow]note:[/] {result.machine_note}")
     if plot:
-        out.print(f"plot: {cmp.plot(result, plot)}", markup=False)
+        try:
+            out.print(f"plot: {cmp.plot(result, plot)}", markup=False)
+        except _user_errors() as exc:  # e.g. WriteError: the disk filled up while saving it
+            _fail(str(exc))
     failures = cmp.check_gates(result, gates)
     for line in failures:
         console.print(f"[bold red]gate:[/] {line}", soft_wrap=True, markup=True)

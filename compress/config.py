@@ -869,7 +869,6 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
         raise ConfigError(f"{_where(str(path), root, loc, overridden)}: {'.'.join(map(str, loc)) or '<top>'}: "
                           f"{_describe(err, loc)}{more}") from None
     _check_graph(cfg, str(path), root, overridden)
-    _check_weights_files(cfg, path, root, overridden)
     from compress.registry import ModelError, check_name
 
     for name, stage in cfg.stages.items():  # registry names and user files, as the stages will ask for them
@@ -905,20 +904,20 @@ def weights_path(weights: Path, pipeline_dir: Path) -> Path:
     return weights if weights.is_absolute() else pipeline_dir / weights
 
 
-def _check_weights_files(cfg: PipelineConfig, path: Path, root, overridden: set[str]) -> None:
-    """A missing or unreadable weights file fails before any stage runs (its contents are checked when loaded)."""
+def check_weights_files(cfg: PipelineConfig, pipeline_dir: Path) -> None:
+    """A missing or unreadable `weights:` file fails a run before any stage (ConfigError, one line); its
+    contents are checked when it is loaded. (Not part of `load`: an example pipeline names files to supply.)"""
     import os
 
     for name, stage in cfg.stages.items():
         weights = getattr(stage, "weights", None)
         if weights is None:
             continue
-        file = weights_path(weights, path.parent)
+        file = weights_path(weights, pipeline_dir)
         problem = ("no such weights file" if not file.exists() else "not a file" if not file.is_file()
                    else "cannot read the weights file (permission denied)" if not os.access(file, os.R_OK) else None)
         if problem:
-            loc = ("stages", name, "weights")
-            raise ConfigError(f"{_where(str(path), root, loc, overridden)}: stages.{name}.weights: {file}: {problem}")
+            raise ConfigError(f"stages.{name}.weights: {file}: {problem}")
 
 
 def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> None:

@@ -52,14 +52,19 @@ def pipeline(tmp: Path, images: Path, stages: dict, name: str = "bring") -> Path
 
 
 def test_import_then_distill_prune_quantize(trained):
+    """pipelines/finetune.yaml, shrunk to test size: the user's model and weights, 64 px, one epoch each."""
     tmp, images, script = trained
-    path = pipeline(tmp, images, {
-        "imported": {"type": "import", "model": "plain_train.py:TinyNet", "weights": "tiny.pt"},
-        "student": {"type": "distill", "from": "imported", "model": "mobilenet_v3_small", "epochs": 1, "lr": 0.01},
-        "pruned": {"type": "prune", "from": "student", "target_macs": 0.7, "finetune_epochs": 1, "lr": 0.01},
-        "int8": {"type": "quantize", "from": "pruned", "method": "ptq", "backend": "onnxruntime",
-                 "calibration_size": 16},
-    })
+    example = yaml.safe_load((HERE.parent / "pipelines" / "finetune.yaml").read_text())
+    stages = example["stages"]
+    stages["teacher"].update(model="plain_train.py:TinyNet", weights="tiny.pt")
+    stages["student"].update(epochs=1, lr=0.01)
+    stages["student-pruned"].update(target_macs=0.7, finetune_epochs=1)
+    stages["student-int8"].update(backend="onnxruntime", calibration_size=16)
+    assert stages["student"]["model"] == "mobilenet_v3_small"
+    stages = {"imported": stages["teacher"], "student": {**stages["student"], "from": "imported"},
+              "pruned": {**stages["student-pruned"], "from": "student"},
+              "int8": {**stages["student-int8"], "from": "pruned"}}
+    path = pipeline(tmp, images, stages)
     proc = compress_cli("run", path, "--out", tmp / "runs")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp / "reports" / "bring" / "report.json").read_text())
@@ -88,7 +93,7 @@ def test_import_then_distill_prune_quantize(trained):
 
 
 @pytest.mark.parametrize("weights, extra, message", [
-    ("missing.pt", {}, r"stages\.imported\.weights: .*missing\.pt: no such weights file"),
+    ("missing.pt", {}, r"^error: stages\.imported\.weights: .*missing\.pt: no such weights file"),
     ("pickled.pt", {}, "refused: the weights file holds pickled Python objects"),
     ("corrupt.safetensors", {}, "not a readable safetensors file"),
     ("other.pt", {}, r"weights do not fit 'plain_train.py:TinyNet': \d+ missing \(features\.0\.weight"),
