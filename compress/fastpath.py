@@ -298,7 +298,7 @@ def choose(setting: str, model: nn.Module, input_shape: tuple[int, ...], batch: 
         t0 = time.perf_counter()
         try:
             rates = (measure or probe)(model, tuple(input_shape), batch, modes, train=train)
-        except Exception as exc:  # e.g. a wrapped model (NNCF's QAT) that cannot be copied: train as before
+        except Exception as exc:  # noqa: BLE001 (e.g. a wrapped model that cannot be copied: train as before)
             why = f"the probe failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
             log(f"cpu fast path: {why}; fp32")
             return FastPath("cpu", setting="auto", reason=why + "; fp32")

@@ -202,7 +202,13 @@ def data():
 
 def test_resume_with_bf16_on_is_bit_exact(data, tmp_path):
     from compress.training import Interrupted, fit
-    from tests.test_resume import Net, same_weights, scramble_rngs, sigterm_at, without_timing
+    from tests.test_resume import (
+        Net,
+        same_weights,
+        scramble_rngs,
+        sigterm_at,
+        without_timing,
+    )
 
     def run(mode, checkpoint=None, model=None):
         model = model or Net()
