@@ -224,6 +224,34 @@ def test_a_triton_repository_and_an_openvino_ir_bundle(bundle, tmp_path):
         assert srv.stop() == 0
 
 
+def test_a_failure_inside_the_server_is_a_bare_json_500(bundle, monkeypatch):
+    import asyncio
+
+    from compress.serve import load_bundle
+    from compress.serve.app import create_app
+    from compress.serve.workers import Workers
+
+    workers = Workers(load_bundle(bundle["dir"]), 1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    async def ask():
+        transport = httpx.ASGITransport(app=create_app(workers), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+            return (await client.post("/predict", content=bundle["images"][0].read_bytes()),
+                    (await client.get("/metrics")).text)
+
+    monkeypatch.setattr(workers, "predict", broken)
+    try:
+        r, metrics = asyncio.run(ask())
+    finally:
+        workers.close()
+    assert r.status_code == 500 and r.json()["reason"] == "internal"
+    assert "secret" not in r.text and "Traceback" not in r.text
+    assert metric(metrics, "compress_serve_requests_total", endpoint="/predict", code="500") == 1
+
+
 @functools.cache
 def big_png() -> bytes:
     return png(np.zeros((4200, 4200), dtype=np.uint8))   # 17.6 Mpixel, a few kB compressed
