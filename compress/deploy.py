@@ -8,7 +8,11 @@ numpy, Pillow and ONNX Runtime (or TensorRT, when an engine is there and it impo
     onnx    model.onnx, manifest.json, infer.py, labels.txt
     triton  a model repository: <name>/config.pbtxt, <name>/1/model.onnx (platform
             onnxruntime_onnx), or model.plan (tensorrt_plan) when a TensorRT engine built for
-            this GPU and TensorRT version exists; labels.txt, manifest.json, infer.py beside it
+            this GPU and TensorRT version exists; labels.txt, manifest.json, infer.py beside it.
+            --out may be an existing repository: <name>/ is added, other models stay, and only
+            a model of the same name is replaced (--force). A plan ships with engine.json (the
+            TensorRT version and GPU it needs) and rebuild_engine.sh, which rebuilds it from the
+            ONNX inside the Triton container when those differ
     jetson  model.onnx (FP32, or the INT8 Q/DQ model), model_fp16.onnx for FP16, and
             build_engine.sh: trtexec --stronglyTyped, the way TensorRT 10 (JetPack 6) builds an
             engine whose precision the ONNX decides (see compress/trt.py)
@@ -24,6 +28,7 @@ either the previous bundle or the complete new one, never half of each.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 import compress
+from compress import rundir
 from compress.io import sha256_file
 from compress.onnx_export import INPUT_NAME, OUTPUT_NAME  # the exported graph's tensor names
 
@@ -47,14 +53,87 @@ class DeployError(ValueError):
 # ----------------------------------------------------------------------------- finding the artifact
 
 def _read_json(path: Path) -> dict:
+    from compress.io import FileReadError, read_regular_file
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DeployError(f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        return json.loads(read_regular_file(path, 64 << 20, "JSON file"))
+    except FileReadError as exc:
+        raise DeployError(str(exc)) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:120]
+        raise DeployError(f"{path}: unreadable ({type(exc).__name__}: {first})") from None
+
+
+def _checked_report(report, file: Path) -> dict:
+    """The report, checked against the schema of the fields compress reads (compress.compare)."""
+    from compress.compare import CompareError, check_report
+
+    try:
+        check_report(report, file)
+    except CompareError as exc:
+        raise DeployError(str(exc)) from None
+    report["_path"] = str(file)
+    return report
+
+
+def _checked_preprocess(pre: dict, where: str) -> dict:
+    """The preprocessing a bundle's infer.py will apply; DeployError when a field has the wrong type."""
+    def numbers(v, n):
+        return isinstance(v, list) and len(v) == n and all(type(x) in (int, float) and math.isfinite(x) for x in v)
+
+    c = pre.get("channels")
+    problems = [("channels", type(c) is int and 1 <= c <= 64),
+                ("size", isinstance(pre.get("size"), list) and len(pre["size"]) == 2
+                 and all(type(x) is int and 1 <= x <= 4096 for x in pre["size"])),
+                ("scale", type(pre.get("scale")) in (int, float) and math.isfinite(pre["scale"])),
+                ("mean", type(c) is int and numbers(pre.get("mean"), c)),
+                ("std", type(c) is int and numbers(pre.get("std"), c) and all(x != 0 for x in pre["std"])),
+                ("class_names", isinstance(pre.get("class_names", []), list)
+                 and all(isinstance(x, str) and "\n" not in x for x in pre.get("class_names", [])))]
+    bad = [name for name, ok in problems if not ok]
+    if bad:
+        raise DeployError(f"{where}: preprocess.{bad[0]} is missing or has the wrong type; re-run the pipeline "
+                          f"that wrote it")
+    return pre
+
+
+def _check_replaceable(out: Path, limit: int = 10_000) -> None:
+    """--force replaces a previous bundle or a directory of the user's, never one holding a run or a report
+    (whichever report or run this deploy happens to know about): a stage manifest or a report.json anywhere
+    inside, or more than `limit` entries, and --out is refused."""
+    seen = 0
+    for top, dirs, files in os.walk(out):
+        seen += len(dirs) + len(files)
+        for name in ("manifest.json", "report.json"):
+            if name in files:
+                head = _peek_json(Path(top, name))
+                if not (isinstance(head, dict) and head.get("format") == FORMAT):
+                    raise DeployError(f"--out {out} holds {Path(top, name)}, a compress run or report (or an unknown "
+                                      f"file of that name); --force never replaces one")
+        if seen > limit:
+            raise DeployError(f"--out {out} holds more than {limit} files; --force replaces bundles, not trees "
+                              f"of that size")
+
+
+def _peek_json(path: Path):
+    """The JSON in `path`, or None when it is not a small regular file of JSON (never blocks on a FIFO)."""
+    from compress.io import FileReadError, read_regular_file
+
+    try:
+        return json.loads(read_regular_file(path, 4 << 20, "JSON file"))
+    except (OSError, ValueError, RecursionError, FileReadError):
+        return None
 
 
 def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("*/manifest.json"))
+    """Has a stage directory with a manifest.json (a bundle's own manifest does not count)."""
+    if not path.is_dir():
+        return False
+    for manifest in path.glob("*/manifest.json"):
+        head = _peek_json(manifest)
+        if not (isinstance(head, dict) and head.get("format") == FORMAT):
+            return True
+    return False
 
 
 def locate(source: Path, runs: Path | None = None, reports: Path = Path("reports")) -> tuple[Path, dict | None]:
@@ -66,18 +145,13 @@ def locate(source: Path, runs: Path | None = None, reports: Path = Path("reports
     source = Path(source)
     if _is_run_dir(source):
         candidate = Path(reports) / source.name / "report.json"
-        report = _read_json(candidate) if candidate.is_file() else None
-        if report is not None:
-            report["_path"] = str(candidate)
+        report = _checked_report(_read_json(candidate), candidate) if candidate.is_file() else None
         return source, report
     file = source / "report.json" if source.is_dir() else source
     if not file.is_file():
         raise DeployError(f"{source}: neither a run directory (runs/<name>/ with stage manifests) nor a report "
                           f"(report.json or its directory)")
-    report = _read_json(file)
-    if not str(report.get("schema", "")).startswith("compress.report/"):
-        raise DeployError(f"{file}: not a compress report")
-    report["_path"] = str(file)
+    report = _checked_report(_read_json(file), file)
     name = report["pipeline"]["name"]
     tried = []
     if runs is not None:
@@ -98,23 +172,21 @@ def _cut(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
-def _stage_manifest(run_dir: Path, artifact: str) -> dict:
+def _stage_manifest(run_dir: Path, artifact: str) -> rundir.StageManifest:
     # The artifact is looked up among the run directory's own entries, never joined onto it as a path:
     # '../../elsewhere/stage' or an absolute path cannot name anything but a stage of this run.
-    names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (p / "manifest.json").is_file())
+    names = rundir.stage_names(run_dir)
     if artifact not in names:
         raise DeployError(f"no artifact {_cut(artifact)!r} in {run_dir} (artifacts: {', '.join(names) or 'none'})")
-    path = run_dir / artifact / "manifest.json"
-    manifest = _read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("status") != "done" or "artifact" not in manifest:
-        raise DeployError(f"{path}: stage {artifact!r} did not finish; re-run the pipeline")
-    art = manifest["artifact"]
-    if not isinstance(art, dict) or not isinstance(art.get("files"), dict) \
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in art["files"].items()) \
-            or not isinstance(manifest.get("outputs") or {}, dict) or not isinstance(manifest.get("data") or {}, dict):
-        raise DeployError(f"{path}: not a stage manifest this version can read (artifact.files must map names to "
-                          f"paths); re-run the stage with --force {artifact}")
-    return manifest
+    try:
+        return rundir.read_stage(run_dir / artifact)
+    except rundir.StageUnfinished:
+        raise DeployError(f"{rundir.manifest_path(run_dir / artifact)}: stage {artifact!r} did not finish; "
+                          f"re-run the pipeline") from None
+    except rundir.NoManifest as exc:
+        raise DeployError(str(exc)) from None
+    except rundir.RunDirError as exc:
+        raise DeployError(f"{exc}; re-run the stage with --force {artifact}") from None
 
 
 def _within(path: Path, root: Path) -> bool:
@@ -125,7 +197,13 @@ def _within(path: Path, root: Path) -> bool:
 
 def _check_out(out: Path, sources: dict[str, Path]) -> None:
     """--out must be none of the sources, nor inside one, nor above one (replacing it would delete the source)."""
-    for what, src in sources.items():
+    pairs = list(sources.items())
+    for parent in Path(out).resolve().parents:  # also a run or report this deploy was not pointed at
+        if (parent / "report.json").is_file():
+            pairs.append(("report directory", parent))
+        elif _is_run_dir(parent):
+            pairs.append(("run directory", parent))
+    for what, src in pairs:
         if _within(out, src) or _within(src, out):
             where = "is" if Path(out).resolve() == Path(src).resolve() else \
                 "is inside" if _within(out, src) else "contains"
@@ -133,7 +211,7 @@ def _check_out(out: Path, sources: dict[str, Path]) -> None:
                               f"replaces a source)")
 
 
-def _resolve(run_dir: Path, artifact: str, key: str, value: str, manifest: dict) -> Path:
+def _resolve(run_dir: Path, artifact: str, key: str, value: str, manifest: rundir.StageManifest) -> Path:
     """An artifact file as recorded (absolute, or relative to where the pipeline ran), else next to the
     manifest; refused when its bytes are not the ones the stage wrote."""
     path = Path(value)
@@ -141,18 +219,18 @@ def _resolve(run_dir: Path, artifact: str, key: str, value: str, manifest: dict)
         path = run_dir / artifact / path.name
     if not path.is_file():
         raise DeployError(f"{artifact}: its {key} file {value} is gone; re-run the pipeline")
-    expected = (manifest.get("outputs") or {}).get(key)
+    expected = manifest.outputs.get(key)
     if expected and sha256_file(path) != expected:
         raise DeployError(f"{path} changed since stage {artifact!r} wrote it (sha256 differs from its manifest); "
                           f"re-run the pipeline")
     return path
 
 
-def _preprocess(report: dict | None, manifest: dict) -> tuple[dict, str]:
+def _preprocess(report: dict | None, manifest: rundir.StageManifest) -> tuple[dict, str]:
     """(preprocess dict with class_names, where it came from)."""
-    for where, holder in (("report.json data", (report or {}).get("data")), ("stage manifest", manifest.get("data"))):
+    for where, holder in (("report.json data", (report or {}).get("data")), ("stage manifest", manifest.data)):
         if isinstance(holder, dict) and isinstance(holder.get("preprocess"), dict):
-            return holder["preprocess"], where
+            return _checked_preprocess(holder["preprocess"], where), where
     if report is None:
         raise DeployError("cannot tell this artifact's preprocessing: the run directory has no report next to it "
                           "(pass the report directory, or --reports DIR)")
@@ -190,7 +268,7 @@ def engine_status(plan: Path) -> tuple[bool, str]:
     return True, f"built for {here['gpu']}, TensorRT {here['tensorrt']}"
 
 
-def _engine(run_dir: Path, artifact: str, files: dict, precisions: list[str],
+def _engine(run_dir: Path, artifact: str, manifest: rundir.StageManifest, precisions: list[str],
             report: dict | None) -> tuple[Path | None, str | None, str]:
     """(engine path, its precision, note) for the first of `precisions` with an engine this machine runs."""
     if not precisions:
@@ -199,9 +277,11 @@ def _engine(run_dir: Path, artifact: str, files: dict, precisions: list[str],
            if r.get("name") == artifact and r.get("runtime") == "tensorrt" and r.get("status") != "ok"}
     notes = []
     for p in precisions:
-        plan = Path(files[f"engine_{p}"]) if f"engine_{p}" in files else run_dir / artifact / "engines" / f"{p}.plan"
+        plan = manifest.engine_file(run_dir, p)
         if not plan.is_file():
-            notes.append(f"no {p} engine was built" + (f" ({why[p]})" if why.get(p) else ""))
+            record = manifest.engines.get(p)
+            reason = record.reason if record is not None and record.reason else why.get(p)
+            notes.append(f"no {p} engine was built" + (f" ({reason})" if reason else ""))
             continue
         ok, reason = engine_status(plan)
         if ok:
@@ -238,6 +318,23 @@ dynamic_batching {{ }}
 """
 
 
+# Find trtexec and check it builds strongly typed networks (TensorRT 10+). The whole help text is
+# read first, then searched: `--help | grep -q` under pipefail fails at random when grep exits at
+# the first match and trtexec, still writing, dies of SIGPIPE.
+_TRTEXEC_CHECK = """TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"
+if ! command -v "$TRTEXEC" >/dev/null 2>&1; then
+  echo "error: trtexec not found ($TRTEXEC): install TensorRT 10+ (JetPack 6) or set TRTEXEC=/path/to/trtexec" >&2
+  exit 1
+fi
+HELP_TEXT="$("$TRTEXEC" --help 2>&1 || true)"
+case "$HELP_TEXT" in
+  *--stronglyTyped*) ;;
+  *) echo "error: $TRTEXEC has no --stronglyTyped (TensorRT < 10?); JetPack 6 / TensorRT 10+ is needed" >&2
+     exit 1 ;;
+esac
+"""
+
+
 def build_engine_sh(onnx_name: str, precision: str, chw: list[int], engine_cfg: dict) -> str:
     shape = "x".join(str(d) for d in chw)
     lo, opt, hi = engine_cfg["min_batch"], engine_cfg["opt_batch"], engine_cfg["max_batch"]
@@ -247,24 +344,69 @@ def build_engine_sh(onnx_name: str, precision: str, chw: list[int], engine_cfg: 
 # Needs TensorRT 10 or newer (JetPack 6); set TRTEXEC to use another trtexec. Extra arguments go to trtexec.
 set -euo pipefail
 cd "$(dirname "$0")"
-TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
-if ! command -v "$TRTEXEC" >/dev/null 2>&1; then
-  echo "error: trtexec not found ($TRTEXEC): install TensorRT 10+ (JetPack 6) or set TRTEXEC=/path/to/trtexec" >&2
-  exit 1
-fi
-# The whole help text first, then the search: `--help | grep -q` under pipefail fails at random
-# when grep exits at the first match and trtexec, still writing, dies of SIGPIPE.
-HELP_TEXT="$("$TRTEXEC" --help 2>&1 || true)"
-case "$HELP_TEXT" in
-  *--stronglyTyped*) ;;
-  *) echo "error: $TRTEXEC has no --stronglyTyped (TensorRT < 10?); JetPack 6 / TensorRT 10+ is needed" >&2
-     exit 1 ;;
-esac
-"$TRTEXEC" --onnx={onnx_name} --saveEngine=model.plan --stronglyTyped \\
+{_TRTEXEC_CHECK}"$TRTEXEC" --onnx={onnx_name} --saveEngine=model.plan --stronglyTyped \\
   --minShapes={INPUT_NAME}:{lo}x{shape} --optShapes={INPUT_NAME}:{opt}x{shape} \\
   --maxShapes={INPUT_NAME}:{hi}x{shape} "$@"
 echo "built model.plan; try: python3 infer.py IMAGE"
 """
+
+
+def triton_rebuild_sh(name: str, onnx_name: str, precision: str, chw: list[int], engine_cfg: dict) -> str:
+    """<model>/rebuild_engine.sh: a plan runs only under the TensorRT (and GPU) that built it, so inside
+    the Triton container this rebuilds 1/model.plan from the ONNX when engine.json names another."""
+    shape = "x".join(str(d) for d in chw)
+    lo, opt, hi = engine_cfg["min_batch"], engine_cfg["opt_batch"], engine_cfg["max_batch"]
+    return rf"""#!/usr/bin/env bash
+# Rebuild 1/model.plan ({precision}, strongly typed from {onnx_name}) for the TensorRT and GPU of the
+# Triton container this runs in, when they differ from the ones in engine.json. For example:
+#   docker run --gpus all --rm -v "$PWD/model_repository:/models" nvcr.io/nvidia/tritonserver:<yy.mm>-py3 \
+#       /models/{name}/rebuild_engine.sh
+# --force rebuilds anyway; set TRTEXEC to use another trtexec, TRT_VERSION to state the container's.
+# manifest.json keeps the sha256 of the plan that was shipped, not of a rebuilt one.
+set -euo pipefail
+cd "$(dirname "$0")"
+FORCE=0
+if [ "${{1:-}}" = "--force" ]; then FORCE=1; shift; fi
+WANT="$(sed -n 's/.*"tensorrt": *"\([^"]*\)".*/\1/p' engine.json | head -n 1)"
+WANT_GPU="$(sed -n 's/.*"gpu": *"\([^"]*\)".*/\1/p' engine.json | head -n 1)"
+HAVE="${{TRT_VERSION:-$(ls /usr/lib/*/libnvinfer.so.* /usr/local/tensorrt/lib/libnvinfer.so.* 2>/dev/null \
+  | sed -n 's/.*libnvinfer[.]so[.]\([0-9][0-9.]*\)$/\1/p' | sort -V | tail -n 1 || true)}}"
+HAVE_GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)"
+case "$WANT" in "$HAVE"|"$HAVE".*) SAME_TRT=1 ;; *) SAME_TRT=0 ;; esac
+if [ "$FORCE" = 0 ] && [ -n "$HAVE" ] && [ "$SAME_TRT" = 1 ] && [ "$WANT_GPU" = "$HAVE_GPU" ] && [ -f 1/model.plan ]; then
+  echo "1/model.plan was built with TensorRT $WANT on $WANT_GPU, as here: nothing to do (--force rebuilds)"
+  exit 0
+fi
+echo "rebuilding 1/model.plan: built with TensorRT ${{WANT:-?}} on ${{WANT_GPU:-?}}, here TensorRT ${{HAVE:-?}} on ${{HAVE_GPU:-?}}"
+{_TRTEXEC_CHECK}"$TRTEXEC" --onnx={onnx_name} --saveEngine=1/model.plan.tmp --stronglyTyped \
+  --minShapes={INPUT_NAME}:{lo}x{shape} --optShapes={INPUT_NAME}:{opt}x{shape} \
+  --maxShapes={INPUT_NAME}:{hi}x{shape} "$@"
+mv -f 1/model.plan.tmp 1/model.plan
+printf '{{\n  "tensorrt": "%s",\n  "gpu": "%s",\n  "precision": "{precision}",\n  "built_from": "{onnx_name}",\n  "rebuilt_by": "rebuild_engine.sh"\n}}\n' \
+  "${{HAVE:-unknown}}" "${{HAVE_GPU:-unknown}}" > engine.json
+echo "built 1/model.plan for TensorRT ${{HAVE:-?}}; (re)load model '{name}' in Triton"
+"""
+
+
+def _place_model(model: Path, repo: Path, name: str, force: bool) -> None:
+    """Add one model directory to a Triton model repository, leaving every other model alone; with
+    --force an existing model of the same name is replaced (moved aside first, then deleted)."""
+    repo.mkdir(parents=True, exist_ok=True)
+    dest = repo / name
+    if dest.exists() or dest.is_symlink():
+        if not force:
+            raise DeployError(f"--out {repo} already has a model {name!r}; pass --force to replace it "
+                              "(the other models stay)")
+        old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=repo.parent))
+        os.replace(dest, old / name)
+        try:
+            os.replace(model, dest)
+        except BaseException:
+            os.replace(old / name, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    os.replace(model, dest)
 
 
 INFER_PY = '''#!/usr/bin/env python3
@@ -464,11 +606,22 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         raise DeployError(f"--out {out} is the working directory or above it; bundle into a directory of its own")
     if out.exists() and not out.is_dir() or any(p.is_file() and not p.is_dir() for p in out.parents):
         raise DeployError(f"--out {out}: {'it' if out.exists() else 'a parent'} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise DeployError(f"--out {out} is not empty; pass --force to replace it")
+    if target == "triton":
+        # --out is a model repository: <artifact>/ is added, the other models stay; only a model of
+        # the same name is replaced, and only with --force
+        model_home = out / artifact
+        if model_home.exists() or model_home.is_symlink():
+            _check_replaceable(model_home)
+            if not force:
+                raise DeployError(f"--out {out} already has a model {artifact!r}; pass --force to replace it "
+                                  "(the other models stay)")
+    elif out.exists() and any(out.iterdir()):
+        _check_replaceable(out)
+        if not force:
+            raise DeployError(f"--out {out} is not empty; pass --force to replace it")
     manifest = _stage_manifest(run_dir, artifact)
-    art = manifest["artifact"]
-    native = "int8" if art.get("precision") == "int8" else "fp32"
+    art = manifest.artifact
+    native = "int8" if art.precision == "int8" else "fp32"
     if native == "int8" and precision not in (None, "int8"):
         raise DeployError(f"{artifact} is an INT8 (quantize) artifact; it deploys as int8 only")
     if native == "fp32" and precision == "int8":
@@ -477,15 +630,16 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         raise DeployError("the onnx bundle ships the FP32 or INT8 ONNX; FP16 is built by TensorRT "
                           "(--target jetson, or triton with an FP16 engine)")
     onnx_key = "onnx_int8" if native == "int8" else "onnx"
-    if onnx_key not in art["files"]:
-        raise DeployError(f"{artifact} has no {onnx_key} file (it has {', '.join(sorted(art['files']))})")
-    onnx_path = _resolve(run_dir, artifact, onnx_key, art["files"][onnx_key], manifest)
+    if onnx_key not in art.files:
+        raise DeployError(f"{artifact} has no {onnx_key} file (it has {', '.join(sorted(art.files))})")
+    onnx_path = _resolve(run_dir, artifact, onnx_key, art.files[onnx_key], manifest)
     pre, pre_source = _preprocess(report, manifest)
     labels = list(pre.get("class_names") or [])
     chw = [int(pre["channels"]), *map(int, pre["size"])]
     engine_cfg = {"min_batch": 1, "opt_batch": 64, "max_batch": 256}   # EngineConfig's defaults
     configured = ((report or {}).get("pipeline", {}).get("config", {}).get("engine") or {})
-    engine_cfg.update({k: v for k, v in configured.items() if k in engine_cfg})
+    engine_cfg.update({k: v for k, v in (configured.items() if isinstance(configured, dict) else ())
+                       if k in engine_cfg and type(v) is int and 1 <= v <= 1 << 20})
 
     if target == "jetson":
         deployed = precision or ("int8" if native == "int8" else "fp16")
@@ -495,7 +649,7 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         engine_precisions = [precision] if precision else (["int8"] if native == "int8" else ["fp16", "fp32"])
     else:
         deployed, engine_precisions = native, []
-    plan, plan_precision, engine_note = _engine(run_dir, artifact, art["files"], engine_precisions, report)
+    plan, plan_precision, engine_note = _engine(run_dir, artifact, manifest, engine_precisions, report)
     if target == "triton" and deployed == "fp16" and plan is None:
         raise DeployError(f"--precision fp16 on triton needs an FP16 TensorRT engine this machine can run; "
                           f"{engine_note}")
@@ -543,6 +697,31 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
             write(home / "config.pbtxt", config_pbtxt(
                 artifact, platform="tensorrt_plan" if plan is not None else "onnxruntime_onnx",
                 max_batch=int(engine_cfg["max_batch"]), chw=chw, num_classes=len(labels)))
+        if target == "triton" and plan is not None:
+            # a plan runs only under the TensorRT that built it: record which, next to it, and ship
+            # the way to rebuild it from the ONNX in the Triton container when that differs
+            from compress.trt import manifest_path
+
+            built = _read_json(manifest_path(plan))
+            if not built.get("tensorrt"):
+                raise DeployError(f"{plan}: its manifest records no TensorRT version; rebuild the engine")
+            rebuild_from = "1/model.onnx"
+            if plan_precision == "fp16":
+                from compress.trt import fp16_onnx
+
+                try:
+                    fp16 = fp16_onnx(onnx_path, inside(home / "model_fp16.onnx"))
+                except ValueError as exc:
+                    raise DeployError(f"cannot make the FP16 ONNX: {exc}") from None
+                shipped[str(fp16.relative_to(home))] = sha256_file(fp16)
+                rebuild_from = "model_fp16.onnx"
+            write(home / "engine.json", json.dumps({
+                "tensorrt": built["tensorrt"], "gpu": built.get("gpu"),
+                "compute_capability": built.get("compute_capability"), "cuda": built.get("cuda"),
+                "precision": plan_precision, "plan": "1/model.plan", "built_from": rebuild_from,
+                "profile": engine_cfg}, indent=2) + "\n")
+            write(home / "rebuild_engine.sh", triton_rebuild_sh(artifact, rebuild_from, plan_precision, chw,
+                                                                 engine_cfg), executable=True)
         if target == "jetson":
             write(home / "build_engine.sh", build_engine_sh("model_fp16.onnx" if deployed == "fp16" else "model.onnx",
                                                             deployed, chw, engine_cfg), executable=True)
@@ -554,7 +733,8 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target": target,
             "precision": deployed,
-            "artifact": {k: art.get(k) for k in ("name", "stage", "parent", "model", "precision", "params", "macs")},
+            "artifact": {k: getattr(art, k)
+                         for k in ("name", "stage", "parent", "model", "precision", "params", "macs")},
             "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": [-1, *chw]},
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, len(labels)], "meaning": "logits"},
             "preprocess": {k: v for k, v in pre.items() if k != "class_names"},
@@ -564,20 +744,24 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
                        "profile": engine_cfg if target in ("jetson", "triton") else None},
             "source": {
                 "run_dir": str(run_dir.resolve()),
-                "stage_manifest": str((run_dir / artifact / "manifest.json").resolve()),
+                "stage_manifest": str(rundir.manifest_path(run_dir / artifact).resolve()),
                 "report": str(Path(report["_path"]).resolve()) if report else None,
                 "files": {onnx_key: {"path": str(onnx_path.resolve()), "sha256": sha256_file(onnx_path)},
                           **({f"engine_{plan_precision}": {"path": str(plan.resolve()), "sha256": sha256_file(plan)}}
                              if plan is not None else {})},
                 "preprocess_from": pre_source,
             },
-            "versions": {**(manifest.get("versions") or {}), "compress_deploy": compress.__version__},
+            "versions": {**manifest.versions, "compress_deploy": compress.__version__},
             "files": shipped,
         }
         write(home / "README.txt", _readme(target, artifact, bundle, engine_note, deployed))
         bundle["files"] = dict(sorted(shipped.items()))
         inside(home / "manifest.json").write_text(json.dumps(bundle, indent=2) + "\n")
-        _place(tmp, out, force)
+        if target == "triton":
+            _place_model(home, out, artifact, force)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -282,10 +282,95 @@ def test_preprocessing_comes_from_the_stage_manifest(run, tmp_path):
     # Stage manifests carry the preprocessing: a report without `data`, or no report at all, still deploys.
     report = json.loads((run["report"] / "report.json").read_text())
     del report["data"]
-    (tmp_path / "report.json").write_text(json.dumps(report))
-    out = deploy(tmp_path / "report.json", "teacher", "onnx", tmp_path / "b", log=lambda m: None)
+    (tmp_path / "rep").mkdir()  # beside the bundle: --out inside a report's directory is refused
+    (tmp_path / "rep" / "report.json").write_text(json.dumps(report))
+    out = deploy(tmp_path / "rep" / "report.json", "teacher", "onnx", tmp_path / "b", log=lambda m: None)
     m = check_manifest(out, run)
     assert m["source"]["preprocess_from"] == "stage manifest"
     alone = deploy(run["run_dir"], "teacher", "onnx", tmp_path / "c", reports=tmp_path / "elsewhere",
                    log=lambda m: None)
     assert check_manifest(alone, run)["preprocess"] == m["preprocess"]
+
+
+def test_triton_adds_models_to_a_repository_and_leaves_the_others(run, tmp_path):
+    repo = tmp_path / "model_repository"
+    (repo / "someone-elses" / "1").mkdir(parents=True)
+    (repo / "someone-elses" / "config.pbtxt").write_text('name: "someone-elses"\n')
+    (repo / "someone-elses" / "1" / "model.onnx").write_bytes(b"theirs")
+    deploy(run["report"], "teacher", "triton", repo, log=lambda m: None)
+    deploy(run["report"], "teacher-int8", "triton", repo, log=lambda m: None)
+    assert sorted(p.name for p in repo.iterdir()) == ["someone-elses", "teacher", "teacher-int8"]
+    assert (repo / "someone-elses" / "1" / "model.onnx").read_bytes() == b"theirs"
+    for name in ("teacher", "teacher-int8"):   # both configs hold to Triton's schema
+        cfg = parse_config(repo / name / "config.pbtxt")
+        assert cfg.name == name and cfg.platform == "onnxruntime_onnx"
+    assert (repo / "teacher-int8" / "1" / "model.onnx").read_bytes() == \
+        (run["run_dir"] / "teacher-int8" / "model_int8.onnx").read_bytes()
+    # the same model again: refused without --force, nothing touched
+    args = ["deploy", str(run["report"]), "--artifact", "teacher", "--target", "triton", "--out", str(repo)]
+    (repo / "teacher" / "marker").write_text("old")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "already has a model 'teacher'; pass --force" in res.stderr
+    assert (repo / "teacher" / "marker").exists()
+    # with --force only that model is replaced
+    res = CliRunner().invoke(app, args + ["--force"])
+    assert res.exit_code == 0, res.output
+    assert not (repo / "teacher" / "marker").exists() and (repo / "teacher" / "1" / "model.onnx").is_file()
+    assert sorted(p.name for p in repo.iterdir()) == ["someone-elses", "teacher", "teacher-int8"]
+    assert (repo / "someone-elses" / "1" / "model.onnx").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository"]   # no temp or old dirs left
+
+
+def _stand_in_tools(tmp_path, gpu="NVIDIA H100"):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trtexec").write_text("""#!/usr/bin/env bash
+if [ "$1" = "--help" ]; then echo "  --stronglyTyped  Create a strongly typed network"; exit 0; fi
+for a in "$@"; do case "$a" in --saveEngine=*) echo rebuilt > "${a#--saveEngine=}";;
+  --onnx=*) [ -f "${a#--onnx=}" ] || { echo "no ${a#--onnx=}" >&2; exit 1; };; esac; done
+""")
+    (bin_dir / "nvidia-smi").write_text(f"#!/usr/bin/env bash\necho '{gpu}'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def test_triton_plan_ships_with_its_tensorrt_version_and_a_rebuild_script(run, tmp_path, monkeypatch):
+    import os
+
+    runs = tmp_path / "runs"
+    shutil.copytree(run["run_dir"], runs / "deploy-test")
+    engines = runs / "deploy-test" / "teacher" / "engines"
+    engines.mkdir()
+    (engines / "fp16.plan").write_bytes(b"not really an engine")
+    (engines / "fp16.plan.json").write_text(json.dumps({"gpu": "NVIDIA H100", "tensorrt": "10.9.0.34",
+                                                        "compute_capability": "9.0"}))
+    monkeypatch.setattr(deploy_mod, "engine_status", lambda plan: (True, "built for NVIDIA H100, TensorRT 10.9"))
+    repo = deploy(run["report"], "teacher", "triton", tmp_path / "repo", runs=runs, log=lambda m: None)
+    home = repo / "teacher"
+    engine = json.loads((home / "engine.json").read_text())
+    assert engine["tensorrt"] == "10.9.0.34" and engine["gpu"] == "NVIDIA H100" and engine["precision"] == "fp16"
+    assert engine["built_from"] == "model_fp16.onnx" and (home / "model_fp16.onnx").is_file()
+    files = json.loads((home / "manifest.json").read_text())["files"]
+    assert {"engine.json", "rebuild_engine.sh", "model_fp16.onnx", "1/model.plan"} <= set(files)
+    script = home / "rebuild_engine.sh"
+    assert os.access(script, os.X_OK)
+
+    env = {**os.environ, "PATH": f"{_stand_in_tools(tmp_path)}:{os.environ['PATH']}"}
+    same = subprocess.run(["bash", str(script)], env={**env, "TRT_VERSION": "10.9.0"}, capture_output=True,
+                          text=True, timeout=60)
+    assert same.returncode == 0 and "nothing to do" in same.stdout
+    assert (home / "1" / "model.plan").read_bytes() == b"not really an engine"
+    other = subprocess.run(["bash", str(script)], env={**env, "TRT_VERSION": "10.13.3"}, capture_output=True,
+                           text=True, timeout=60)
+    assert other.returncode == 0, other.stderr
+    assert "built with TensorRT 10.9.0.34 on NVIDIA H100, here TensorRT 10.13.3" in other.stdout
+    assert (home / "1" / "model.plan").read_text() == "rebuilt\n" and not (home / "1" / "model.plan.tmp").exists()
+    rebuilt = json.loads((home / "engine.json").read_text())
+    assert rebuilt["tensorrt"] == "10.13.3" and rebuilt["gpu"] == "NVIDIA H100"
+
+    # a plan whose manifest names no TensorRT version does not ship
+    (engines / "fp16.plan.json").write_text(json.dumps({"gpu": "NVIDIA H100"}))
+    with pytest.raises(deploy_mod.DeployError, match="records no TensorRT version"):
+        deploy(run["report"], "teacher", "triton", tmp_path / "repo2", runs=runs, log=lambda m: None)
+    assert not (tmp_path / "repo2" / "teacher").exists()
