@@ -262,6 +262,8 @@ def big_png() -> bytes:
     ("truncated PNG", {"content": "TRUNCATED", "headers": {"Content-Type": "image/png"}}, 400, "not_an_image"),
     ("empty body", {"content": b"", "headers": {"Content-Type": "application/octet-stream"}}, 400, "missing_field"),
     ("JSON body", {"json": {"image": "x.png"}}, 415, "unsupported_media_type"),
+    ("broken multipart", {"content": b"--x\r\nnot really", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+     400, "bad_multipart"),
     ("form without the field", {"files": {"picture": ("a.png", "IMAGE", "image/png")}}, 400, "missing_field"),
     ("field as text", {"data": {"image": "not a file"}, "files": {"other": ("a", b"x")}}, 400, "missing_field"),
     ("oversized upload", {"content": b"\0" * 300_000, "headers": {"Content-Type": "image/png"}}, 413, "too_large"),

@@ -157,7 +157,7 @@ class Workers:
                 x, note = self.bundle.preprocess(data, strict=strict, max_pixels=max_pixels)
             except ImageError as exc:
                 if len(images) > 1:
-                    label = f"image {i + 1} of {len(images)}" + (f" ({name})" if name else "")
+                    label = f"image {i + 1} of {len(images)}" + (f" ({name[:100]})" if name else "")
                     raise ImageError(f"{label}: {exc}", exc.status, exc.reason) from None
                 raise
             xs.append(x)
