@@ -252,6 +252,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_through_the_c10d_rendezvous(tmp_path):
     """Two `compress run --nnodes 2` processes (one per "node") meet at 127.0.0.1 and train one stage together."""
     root, store = make_folder(tmp_path / "imgs", per_class=12), tmp_path / "cache"
