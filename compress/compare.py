@@ -384,6 +384,18 @@ def machine_table(cmp: Comparison):
     return t
 
 
+def check_plot_path(path: str | Path) -> None:
+    """CompareError unless a PNG can be written at `path`: not a directory, no file where a folder must be."""
+    path = Path(path)
+    if path.is_dir():
+        raise CompareError(f"--plot {path}: is a directory; give a file name such as {path / 'compare.png'}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CompareError(f"--plot {path}: {parent} is a file, not a directory")
+    if len(path.name.encode()) > 255 or "\0" in str(path):
+        raise CompareError(f"--plot {str(path)[:80]!r}: not a valid file name")
+
+
 def plot(cmp: Comparison, path: str | Path) -> Path:
     """Accuracy vs p50 latency at the smallest common batch size, one colour per report, an arrow
     from each artifact's baseline point to its point in every other report."""

@@ -132,6 +132,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, name: str, num_clas
     return atomic_torch_save(payload, path)
 
 
+MAX_MODEL_BYTES = 8 << 30  # far above any model this tool trains; a bound, so a device file is not read forever
+
+
 class CheckpointError(ValueError):
     """A model file that cannot be trusted or read; the message is meant for the user."""
 
@@ -139,21 +142,30 @@ class CheckpointError(ValueError):
 def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
     """``torch.load(weights_only=True)`` with one-line errors: missing, truncated, or needing pickle."""
     path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # bytes first: a FIFO or device is refused, never read (torch.load would block on a FIFO)
+        return torch.load(io.BytesIO(read_regular_file(path, MAX_MODEL_BYTES, what)), map_location="cpu",
+                          weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such {what}") from None
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+        # "Unsupported global": a pickled class or function (what weights_only exists to refuse). Any other
+        # weights-only failure ("Unsupported operand 0", bad opcodes) is a damaged file, not a hostile one.
+        if "Unsupported global" in str(exc):
             raise CheckpointError(f"{path}: refused: the {what} holds pickled Python objects (such as a whole "
                                   f"nn.Module), and unpickling can run arbitrary code; compress reads only plain "
                                   f"tensors and values (torch.load weights_only=True)") from None
-        raise CheckpointError(f"{path}: not a readable {what} (corrupt or truncated: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line),
+                      (str(exc).splitlines() or [""])[0])[:160]
+        raise CheckpointError(f"{path}: not a readable {what} (corrupt or truncated: {detail}); {_REDO}") from None
+    except FileReadError as exc:
+        raise CheckpointError(str(exc)) from None
     except Exception as exc:  # zip errors, EOF, bad magic: a damaged file
         first = str(exc).splitlines()[0].split(". ")[0][:160] if str(exc) else ""
         raise CheckpointError(f"{path}: not a readable {what} (corrupt or truncated: "
-                              f"{type(exc).__name__}{': ' + first if first else ''})") from None
+                              f"{type(exc).__name__}{': ' + first if first else ''}); {_REDO}") from None
+
+
+_REDO = "delete it, or re-run the stage that wrote it with `compress run PIPELINE --force STAGE`"
 
 
 def read_model_file(path: str | os.PathLike) -> dict:
