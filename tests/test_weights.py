@@ -167,3 +167,30 @@ def test_unreadable_file(tmp_path):
     path.chmod(0)
     with pytest.raises(CheckpointError, match="permission denied"):
         load_weights(_fresh(), path, num_classes=5)
+
+
+def test_fine_tuning_starts_from_the_weights_and_the_key_follows_the_file(tmp_path):
+    from types import SimpleNamespace
+
+    from compress.config import PipelineConfig, TrainStage
+    from compress.pipeline import stage_key
+    from compress.weights import start_from
+
+    model = _trained(num_classes=5)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pt")
+    cfg = TrainStage(type="train", model="resnet8", weights="w.pt", reinit_classifier=True)
+    ctx = SimpleNamespace(base_dir=tmp_path, data=SimpleNamespace(num_classes=3), log=lambda m: None, stage_name="t")
+    fresh = _fresh(3)
+    info = start_from(fresh, cfg, ctx)
+    assert info["start_from"]["reinitialised"] == ["fc.weight", "fc.bias"]
+    torch.testing.assert_close(fresh.stem[0].weight, model.stem[0].weight)
+    assert start_from(_fresh(3), TrainStage(type="train", model="resnet8"), ctx) == {}
+    with pytest.raises(ValueError, match="reinit_classifier applies to weights"):
+        TrainStage(type="train", model="resnet8", reinit_classifier=True)
+    # the weights file's bytes are in the cache key; without weights the key is what it was before
+    pipe = PipelineConfig(name="p", stages={"t": cfg})
+    key = stage_key(pipe, "t", [], "fp", tmp_path)
+    torch.save({"state_dict": _trained(num_classes=3).state_dict()}, tmp_path / "w.pt")
+    assert stage_key(pipe, "t", [], "fp", tmp_path) != key
+    plain = TrainStage(type="train", model="resnet8")
+    assert "weights" not in plain.model_dump() and "reinit_classifier" not in plain.model_dump()
