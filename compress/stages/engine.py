@@ -4,6 +4,7 @@ GPU exist; a clear "skipped: why" otherwise (the building and running are in com
 
 from __future__ import annotations
 
+from compress.rundir import engine_path as engine_path_for
 from compress.trt import EngineError, build_engine, fp16_onnx, tensorrt_status, timing_cache_path
 
 def run(cfg, ctx) -> dict[str, dict[str, dict]]:
@@ -24,7 +25,7 @@ def run(cfg, ctx) -> dict[str, dict[str, dict]]:
             if not ok:
                 results[name][precision] = {"status": "skipped", "reason": reason}
                 continue
-            engine_path = ctx.run_dir / name / "engines" / f"{precision}.plan"
+            engine_path = engine_path_for(ctx.run_dir, name, precision)
             try:
                 if precision == "int8":
                     src = art.path("onnx_int8")
