@@ -512,7 +512,7 @@ def sweep(
 def deploy(
     source: Path = typer.Argument(..., help="A run directory (runs/NAME), a report directory or a report.json."),
     artifact: str = typer.Option(..., "--artifact", "-a", help="Stage name of the model to ship, e.g. student-int8."),
-    target: str = typer.Option(..., "--target", "-t", help="triton, jetson or onnx."),
+    target: str = typer.Option(..., "--target", "-t", help="triton, jetson, onnx or openvino (CPU: IR + infer.py)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory (created; must be empty unless --force)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: int8 for a "
                                                                       "quantize stage, jetson fp16, else fp32)."),
@@ -527,6 +527,7 @@ def deploy(
 
     * `compress deploy runs/fashion-distill --artifact mnv2-int8 --target onnx --out dist/mnv2-int8`
     * `compress deploy reports/smoke --artifact student --target triton --out model_repository`
+    * `compress deploy runs/fashion-distill --artifact shuf-int8 --target openvino --out dist/shuf-ov`
     * `compress deploy reports/smoke --artifact student --target jetson --out dist/jetson`, then on the
       device `./build_engine.sh && python3 infer.py image.png`
     """

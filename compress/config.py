@@ -805,16 +805,17 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {shorten(item)}: expected key.path=value (e.g. --set stages.teacher.epochs=1)")
+        shown = " ".join(key.split())[:60]
         if len(item) > MAX_YAML_BYTES // 16:
-            raise ConfigError(f"--set {shorten(key)}: the value is {len(raw)} characters; at most "
+            raise ConfigError(f"--set {shown}: the value is {len(raw)} characters; at most "
                               f"{MAX_YAML_BYTES // 16} (put large settings in the pipeline file)")
         if any(not k.strip() for k in key.split(".")):
-            raise ConfigError(f"--set {shorten(key)}: an empty part in the key path (write a.b.c)")
+            raise ConfigError(f"--set {shown}: an empty part in the key path (write a.b.c)")
         try:
             value = load_yaml(raw)[0] if raw.strip() else ""
         except YAMLInputError as exc:
             if "malformed" not in str(exc):  # duplicate keys, alias bombs: refused, not taken as text
-                raise ConfigError(f"--set {shorten(key)}: {exc}") from None
+                raise ConfigError(f"--set {shown}: {exc}") from None
             value = raw
         parsed.append((key.strip().split("."), value))
     return parsed

@@ -17,7 +17,7 @@ from torch import nn
 
 from compress import distributed
 from compress.io import load_model, save_model
-from compress.registry import ModelError, count_macs, count_params, create_model
+from compress.registry import check_model, count_macs, count_params, create_model
 
 
 class StageError(RuntimeError):
@@ -66,17 +66,7 @@ class Context:
         """A fresh model from the registry, checked to map this data's images to its classes."""
         model = create_model(name, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
                              base_dir=self.base_dir)
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model(torch.zeros(2, *self.input_shape()))
-        except Exception as exc:
-            raise ModelError(f"model {name!r} fails on a {tuple(self.input_shape())} input: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.data.num_classes):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ModelError(f"model {name!r} returns {shape} for a batch of 2, expected "
-                             f"(2, {self.data.num_classes}) logits for the {self.data.num_classes} classes")
+        check_model(model, name, self.input_shape(), self.data.num_classes)  # params, not lazy, (N, classes) out
         model.train()
         return model
 

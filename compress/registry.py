@@ -69,13 +69,68 @@ def _load_user_class(spec: str, base_dir: Path | None) -> Callable[..., nn.Modul
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = module
         module_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file raised while importing
+    except (Exception, SystemExit, GeneratorExit) as exc:  # it raised, or tried to end the process (sys.exit)
         sys.modules.pop(mod_name, None)
-        raise ModelError(f"model {spec!r}: importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from None
+        what = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
+                else f"failed: {type(exc).__name__}: {_first_line(exc)}")
+        raise ModelError(f"model {spec!r}: importing {str(path)!r} {what}") from None
     obj = getattr(module, cls_name, None)
     if obj is None:
         raise ModelError(f"model {spec!r}: {str(path)!r} has no attribute {cls_name!r}")
+    if not callable(obj):
+        raise ModelError(f"model {spec!r}: {cls_name} in {str(path)!r} is a {type(obj).__name__}, not a class or "
+                         f"function that builds a torch.nn.Module")
     return obj
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The exception's message on one line, at most `limit` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def check_name(name: str, base_dir: Path | None = None) -> None:
+    """ModelError unless `name` is a registered model or names an existing file.py (not imported here)."""
+    if is_user_model(name):
+        path = Path(name.rsplit(":", 1)[0])
+        path = base_dir / path if not path.is_absolute() and base_dir is not None else path
+        if not path.is_file():
+            raise ModelError(f"model {name!r}: file {str(path)!r} does not exist")
+        return
+    _load_zoo()
+    if name not in _MODELS:
+        close = _closest(name, list(_MODELS)) if len(name) <= 100 else None
+        hint = f"; did you mean {close!r}?" if close else "; run `compress models` to list them"
+        shown = name if len(name) <= 60 else name[:59] + "\u2026"
+        raise ModelError(f"unknown model {shown!r}{hint}")
+
+
+def check_model(model: nn.Module, name: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """ModelError unless `model` is something the stages can train, count, prune and export: real parameters
+    (not lazy ones), and logits of shape (batch, classes) for every batch size (checked at 2 and 3)."""
+    params = list(model.parameters())
+    if not params:
+        raise ModelError(f"model {name!r} has no parameters: there is nothing to train")
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
+        raise ModelError(f"model {name!r} uses lazy modules (nn.Lazy*): their shapes are unknown until the first "
+                         f"batch; give in_features/in_channels explicitly")
+    device = params[0].device
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in (2, 3):
+            try:
+                with torch.no_grad():
+                    out = model(torch.zeros(batch, *input_shape, device=device))
+            except (Exception, SystemExit) as exc:
+                raise ModelError(f"model {name!r} fails on a {tuple(input_shape)} input: "
+                                 f"{type(exc).__name__}: {_first_line(exc)}") from None
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (batch, num_classes):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ModelError(f"model {name!r} returns {shape} for a batch of {batch}, expected "
+                                 f"({batch}, {num_classes}) logits for the {num_classes} classes")
+    finally:
+        model.train(was_training)
 
 
 def _closest(name: str, names: list[str]) -> str | None:
@@ -93,15 +148,19 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, base_di
     """Build a registered model (or ``file.py:Class``) for ``in_channels`` inputs and ``num_classes`` outputs."""
     if is_user_model(name):
         factory = _load_user_class(name, base_dir)
-        accepted = inspect.signature(factory).parameters
+        try:
+            accepted = inspect.signature(factory).parameters
+        except (TypeError, ValueError):  # a builtin or C callable: no introspectable signature
+            accepted = {}
         call_kwargs = dict(kwargs)
         for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
             if key in accepted or any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
                 call_kwargs[key] = value
         try:
             model = factory(**call_kwargs)
-        except Exception as exc:
-            raise ModelError(f"model {name!r}: constructing it failed: {type(exc).__name__}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise ModelError(f"model {name!r}: constructing it failed: {type(exc).__name__}: "
+                             f"{_first_line(exc)}") from None
         if not isinstance(model, nn.Module):
             raise ModelError(f"model {name!r}: did not return a torch.nn.Module")
         return model

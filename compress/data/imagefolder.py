@@ -17,6 +17,7 @@ square later, on the device (centred for evaluation, random-resized for training
 from __future__ import annotations
 
 import os
+import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ def list_images(split_dir: Path, classes: list[str] | None = None) -> tuple[list
     is_train = classes is None
     if not dirs:
         raise DataError(f"{split_dir}: no class subfolders (expected {split_dir}/<class>/*.png)")
+    if is_train and len(dirs) < 2:  # one class: every prediction is right, and the report would say 100%
+        raise DataError(f"{split_dir}: one class subfolder ({dirs[0]!r}); a classifier needs at least two "
+                        f"classes, one subfolder each")
     if classes is None:
         classes = dirs
     elif unknown := sorted(set(dirs) - set(classes)):
@@ -55,6 +59,10 @@ def list_images(split_dir: Path, classes: list[str] | None = None) -> tuple[list
     for name in dirs:
         files = sorted(p for p in (split_dir / name).iterdir()
                        if p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
+        for p in files:  # only regular files are opened: a FIFO would block the decoder forever
+            if not stat.S_ISREG(p.stat().st_mode if p.exists() else 0):
+                raise DataError(f"{p}: not a regular file (a FIFO, device, directory or broken link); "
+                                f"an image folder holds image files only")
         if not files and is_train:  # a training class without images is surely a mistake
             raise DataError(f"{split_dir / name}: no images ({', '.join(EXTENSIONS)})")
         items += [(p, classes.index(name)) for p in files]
@@ -123,7 +131,11 @@ def _decode(path: Path, channels: int, size: tuple[int, int], resize: int | None
 def _read_all(items: list[tuple[Path, int]], channels: int, size: tuple[int, int],
               resize: int | None = None, crop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     w, h = size
-    x = np.empty((len(items), channels, h, w), dtype=np.uint8)
+    try:
+        x = np.empty((len(items), channels, h, w), dtype=np.uint8)
+    except (MemoryError, ValueError):
+        raise DataError(f"{len(items)} images of {channels}x{h}x{w} ({len(items) * channels * h * w / 2**30:.1f} GiB) "
+                        f"do not fit in memory; use a smaller data.image_size") from None
 
     def fill(i: int) -> None:
         x[i] = _decode(items[i][0], channels, size, resize, crop).transpose(2, 0, 1)
