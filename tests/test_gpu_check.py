@@ -137,3 +137,22 @@ def test_the_gpu_check_pipeline_validates():
         assert stage in proc.stdout
     cfg = json.dumps(__import__("yaml").safe_load((ROOT / "pipelines" / "gpu-check.yaml").read_text()))
     assert '"device": "cuda"' in cfg and '"tensorrt"' in cfg
+
+
+def test_the_fashion_gpu_pipeline_keeps_its_students_under_a_tenth_of_the_teacher():
+    import yaml
+
+    from compress.registry import count_macs, create_model
+
+    proc = subprocess.run([sys.executable, "-m", "compress", "validate", str(ROOT / "pipelines" / "fashion-gpu.yaml"),
+                           "--set", "device=cpu"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load((ROOT / "pipelines" / "fashion-gpu.yaml").read_text())
+    text = (ROOT / "pipelines" / "fashion-gpu.yaml").read_text()
+    assert cfg["device"] == "cuda" and "Expected wall time" in text and "Basis" in text
+    stages = cfg["stages"]
+    macs = {name: count_macs(create_model(s["model"], num_classes=10, in_channels=1), (1, 28, 28))
+            for name, s in stages.items() if s["type"] in ("train", "distill")}
+    students = [n for n, s in stages.items() if s["type"] == "distill"]
+    assert students and all(macs[n] <= macs["teacher"] / 10 for n in students), macs
+    assert {s["from"] for s in stages.values() if s["type"] == "quantize"} == set(students)  # each gets INT8
