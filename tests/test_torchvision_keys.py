@@ -48,3 +48,27 @@ def test_torchvision_weights_give_torchvision_outputs(arch, tmp_path):
     path = save_model(model, tmp_path / "m.pt", name=arch, num_classes=10, in_channels=3)
     with torch.no_grad():
         torch.testing.assert_close(load_model(path).eval()(generate.input_batch()), model(generate.input_batch()))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"])  # v3: tests/test_import_e2e.py
+def test_real_resolution_models_prune_export_and_reload(arch, tmp_path):
+    """One of each family pruned to half its MACs at 64 px: it still maps images to logits, reloads exactly
+    from compress's model file and exports to ONNX with parity."""
+    from compress.onnx_export import check_parity, export_onnx
+    from compress.prune import prune_model
+    from compress.registry import count_macs
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=5, in_channels=3).eval()
+    before = count_macs(model, (3, 64, 64))
+    prune_model(model, torch.randn(2, 3, 64, 64), target="macs", ratio=0.5, iterative_steps=1)
+    model.eval()
+    assert count_macs(model, (3, 64, 64)) <= 0.5 * before
+    x = torch.randn(3, 3, 64, 64)
+    path = save_model(model, tmp_path / "m.pt", name=arch, num_classes=5, in_channels=3)
+    with torch.no_grad():
+        assert model(x).shape == (3, 5)
+        torch.testing.assert_close(load_model(path).eval()(x), model(x), rtol=0, atol=0)
+    onnx = export_onnx(model, tmp_path / "m.onnx", (3, 64, 64))
+    parity = check_parity(model, onnx, x)
+    assert parity["top1_agreement"] == 1.0, parity
