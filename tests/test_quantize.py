@@ -600,9 +600,13 @@ def test_stage_writes_a_scored_tensorrt_int8_artifact(stage_env, name, fields):
 
     art, messages = run_stage(stage_env, name, **fields)
     data = stage_env["data"]
-    assert art.precision == "int8" and set(art.files) == {"onnx_int8", "layers", "layers_json"}
+    assert art.precision == "int8" and set(art.files) - {"onnx_int8_cpu"} == {"onnx_int8", "layers", "layers_json"}
     qdq_nodes_are_tensorrt_int8(art.files["onnx_int8"])
     m = art.metrics
+    # The CPU form beside it: kept only within 0.3 point of the FP32 parent on val (a QAT parent is PTQ'd here).
+    cpu = m["cpu_int8"]
+    assert cpu["shipped"] == ("onnx_int8_cpu" in art.files) and cpu["max_drop"] == 0.3
+    assert (cpu["accuracy_drop"] <= 0.3) == cpu["shipped"]
     assert m["backend"] == fields.get("backend", "nncf") and m["calibration_images"] == 64
     assert m["quantized_layers"] == 3 and m["kept_float_layers"] == [] and m["sensitivity_sweep"] is False
     assert m["weight_dequantize_linear"] == 3

@@ -100,3 +100,26 @@ def _inline_shared_constants(data: bytes) -> bytes:
         graph.initializer.append(copy)
         graph.node.remove(node)
     return model.SerializeToString()
+
+
+def write_cpu_form(fp32_onnx: bytes | str | os.PathLike, calib_images: torch.Tensor, out_path: Path, *,
+                   eval_batches, fp32_accuracy: float | None, max_drop: float = 0.3, subset_size: int = 300,
+                   calibrate_method: str = "minmax", log=print) -> dict:
+    """`cpu_qdq`, scored with ONNX Runtime on `eval_batches` against the FP32 parent's accuracy.
+
+    A form that loses more than `max_drop` top-1 points is not kept (the file is removed and
+    `shipped` is false): CPU runtimes then run the TensorRT QDQ file, slower but within its target.
+    """
+    from compress.runtime import OrtRunner, evaluate
+
+    info = cpu_qdq(fp32_onnx, calib_images, out_path, subset_size=subset_size, calibrate_method=calibrate_method)
+    acc = evaluate(OrtRunner(out_path, "int8", threads=None), eval_batches())["accuracy"]
+    drop = None if fp32_accuracy is None else round(fp32_accuracy - acc, 4)
+    shipped = drop is None or drop <= max_drop
+    if not shipped:
+        Path(out_path).unlink(missing_ok=True)
+        log(f"CPU INT8 form not kept: {acc:.2f}% top-1, {drop:.2f} points under FP32 (limit {max_drop})")
+    else:
+        log(f"CPU INT8 form (QDQ u8s8, int32 bias): {acc:.2f}% top-1"
+            + (f", {drop:+.2f} points under FP32" if drop is not None else ""))
+    return {**info, "accuracy": round(acc, 4), "accuracy_drop": drop, "max_drop": max_drop, "shipped": shipped}

@@ -17,6 +17,7 @@ from compress.context import Artifact, Context, StageError
 from compress.onnx_export import export_bytes
 from compress.quant import nncf_qdq, ort_qdq, write_qdq
 from compress.quant import sensitivity as sens
+from compress.quant.cpu_int8 import CPU_FILE, write_cpu_form
 
 
 def _qat(cfg: QuantizeStage, ctx: Context):
@@ -102,7 +103,20 @@ def run(cfg: QuantizeStage, ctx: Context) -> Artifact:
             f"{info['dequantize_linear']} DQ nodes, {info['calibration_images']} {cfg.calibration_split} calibration "
             f"images, {acc}top-1 agreement with FP32 {final_score['agreement'] * 100:.1f}%, "
             f"{len(decision['kept_float'])} of {len(layers)} layers kept float")
+    files = {"onnx_int8": str(path), "layers": str(layers_md), "layers_json": str(layers_json)}
+    # The CPU form (QDQ u8s8, int32 biases: what ONNX Runtime's CPU kernels fuse and OpenVINO reads right),
+    # PTQ from the FP32 parent on the same calibration images; kept only within the drop limit on `split`.
+    fp32 = parent.path("onnx")
+    cpu = write_cpu_form(fp32 if fp32 is not None and fp32.is_file() else export_bytes(model, ctx.input_shape(), 17),
+                         calib, ctx.stage_dir / CPU_FILE, eval_batches=lambda: data.eval_batches(split),
+                         fp32_accuracy=scorer.fp32_accuracy if split == "val" else None,
+                         max_drop=cfg.max_accuracy_drop if cfg.max_accuracy_drop is not None else 0.3,
+                         subset_size=cfg.calibration_size, calibrate_method=cfg.calibrate_method,
+                         log=lambda m: ctx.log(f"[{ctx.stage_name}] {m}"))
+    info["cpu_int8"] = {k: cpu[k] for k in ("format", "accuracy", "accuracy_drop", "max_drop", "shipped")}
+    if cpu["shipped"]:
+        files["onnx_int8_cpu"] = cpu["onnx_int8_cpu"]
     return Artifact(name=ctx.stage_name, stage=cfg.type, parent=parent.name, model=parent.model,
-                    files={"onnx_int8": str(path), "layers": str(layers_md), "layers_json": str(layers_json)},
+                    files=files,
                     params=parent.params, macs=parent.macs, precision="int8",
                     metrics={**info, "teachers": parent.metrics.get("teachers", [])})
