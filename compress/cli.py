@@ -190,8 +190,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from compress.io import CheckpointError, WriteError
     from compress.pipeline import RunLockedError
     from compress.registry import ModelError
+    from compress.rundir import RunDirError
 
-    return ConfigError, DataError, CheckpointError, ModelError, WriteError, RunLockedError
+    return ConfigError, DataError, CheckpointError, ModelError, WriteError, RunLockedError, RunDirError
 
 
 def _one_line(message: str) -> str:
@@ -244,6 +245,8 @@ def run(
     reports: Optional[Path] = typer.Option(None, "--reports", help="Report root (default: report.dir in the YAML, 'reports')."),
     force: list[str] = typer.Option([], "--force", "-f", help="Re-run this stage even if its cache key is unchanged (repeatable)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (one line per epoch instead)."),
+    adopt: bool = typer.Option(False, "--adopt", help="Take over OUT/<name> (and its report directory) even though "
+                               "another pipeline file with the same name ran there."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train with N processes (PyTorch DDP via torchrun): one per GPU, "
                               "or N CPU processes on gloo. Same as `torchrun --nproc-per-node N -m compress run ...`."),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="Train over this many machines (run the same command on "
@@ -294,7 +297,7 @@ def run(
         if (nproc > 1 or nnodes > 1) and not distributed.launched():  # the config is valid: start the processes
             args = ["run", str(pipeline), "--out", str(out), *(a for v in set_ for a in ("--set", v)),
                     *(["--reports", str(reports)] if reports else []), *(a for f in force for a in ("--force", f)),
-                    *(["--no-progress"] if no_progress else [])]
+                    *(["--no-progress"] if no_progress else []), *(["--adopt"] if adopt else [])]
             raise typer.Exit(distributed.launch(nproc, args, nnodes=nnodes, node_rank=node_rank,
                                                 rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
                                                 rdzv_id=rdzv_id))
@@ -303,7 +306,7 @@ def run(
         with _sigterm_as_ctrl_c(), _warnings_log(out / cfg.name / "warnings.log"):
             report_dir = run_pipeline(cfg, pipeline_path=pipeline, runs_dir=out, force=tuple(force),
                                       log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
-                                      progress=not no_progress and sys.stderr.isatty())
+                                      progress=not no_progress and sys.stderr.isatty(), adopt=adopt)
     except _user_errors() as exc:
         _fail(str(exc))
     except (StageError, FloatingPointError) as exc:  # the config is valid, the stage could not do it

@@ -140,8 +140,12 @@ def teachers_of(cfg: PipelineConfig, name: str, artifacts: dict[str, Artifact]) 
 
 
 def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = Path("runs"),
-                 force: tuple[str, ...] = (), log: Callable[[str], None] = print, progress: bool = True) -> Path:
+                 force: tuple[str, ...] = (), log: Callable[[str], None] = print, progress: bool = True,
+                 adopt: bool = False) -> Path:
     """Run every stage (or reuse it from cache), benchmark every artifact, write the report; return its dir.
+
+    A run directory belongs to the pipeline file that first ran in it (rundir.check_owner); `adopt`
+    lets another pipeline file with the same name take it over.
 
     Under torchrun, processes other than rank 0 return None once the stages are done.
     """
@@ -152,6 +156,7 @@ def run_pipeline(cfg: PipelineConfig, *, pipeline_path: Path, runs_dir: Path = P
     try:
         if not distributed.is_main():
             return _run_locked(cfg, run_dir, pipeline_path, force, lambda m: None, False, started, device)
+        rundir.check_owner(run_dir, Path(cfg.report.dir) / cfg.name, pipeline_path, adopt=adopt)  # before any write
         run_dir.mkdir(parents=True, exist_ok=True)
         with run_lock(run_dir):
             return _run_locked(cfg, run_dir, pipeline_path, force, log, progress, started, device)
@@ -224,6 +229,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
         artifact.metrics["wall_seconds"] = round(wall, 2)
         stage_times[name] = wall
         artifacts[name] = artifact
+        rundir.claim(run_dir, pipeline_path)  # the first finished stage records the run directory's owner
         rundir.write_stage(stage_dir, rundir.StageManifest(
             stage=name, key=key, artifact=artifact,
             config=stage_cfg.model_dump(mode="json", by_alias=True),
@@ -242,6 +248,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
 
     if not main:  # engines, benchmark and report are rank 0's
         return None
+    rundir.claim(run_dir, pipeline_path)  # (a run whose stages were all reused from before the record existed)
     ctx = Context(run_dir=run_dir, stage_dir=run_dir, stage_name="benchmark", device=device, seed=cfg.seed,
                   data=data, inputs=list(artifacts.values()), teachers=[], artifacts=artifacts,
                   base_dir=base_dir, log=log, progress=progress)

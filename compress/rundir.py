@@ -33,13 +33,19 @@ FORMAT = "compress.stage/2"
 READABLE = ("compress.stage/1", FORMAT)   # version 1: the manifests from before `format` existed
 MAX_MANIFEST_BYTES = 64 << 20
 
-# Reserved for the run-level record of which pipeline owns this run directory (issue 17): a
-# `runs/<name>/run.json` written when a run starts and checked before a stage directory is reused.
-# Its writer and reader belong in this module, beside the stage manifests.
+# Which pipeline file owns the run directory: `runs/<name>/run.json`, written when its first stage
+# runs, checked before anything is reused or written (two pipeline files with the same `name:`
+# would otherwise overwrite each other's stages and report).
+RUN_RECORD = "run.json"
+RUN_FORMAT = "compress.run/1"
 
 
 class RunDirError(ValueError):
     """A run directory or manifest this version cannot use; one line for the user."""
+
+
+class RunOwnedError(RunDirError):
+    """The run directory or report directory belongs to another pipeline file."""
 
 
 class NoManifest(RunDirError):
@@ -181,3 +187,65 @@ def read_stage(stage_dir: Path, *, key: str | None = None) -> StageManifest:
     except (KeyError, TypeError, ValueError) as exc:
         raise RunDirError(f"{path}: not a stage manifest this version can read "
                           f"({(str(exc).splitlines() or [''])[0][:120]})") from None
+
+
+# ----------------------------------------------------------------------------- ownership
+
+
+def _owner_id(pipeline_path: Path) -> str:
+    return str(Path(pipeline_path).resolve())
+
+
+def owner(run_dir: Path) -> str | None:
+    """The pipeline file recorded as owning `run_dir` (None: no record, as in runs from before it existed)."""
+    path = Path(run_dir) / RUN_RECORD
+    if not path.exists():
+        return None
+    try:
+        data = _raw(path)
+    except NoManifest as exc:
+        raise RunDirError(f"{exc}; delete {path}, or pass --adopt to take the run directory over") from None
+    if data.get("format") != RUN_FORMAT or not isinstance(data.get("pipeline"), str):
+        raise RunDirError(f"{path}: not a run record this version reads; delete it, or pass --adopt to take the "
+                          f"run directory over")
+    return data["pipeline"]
+
+
+def check_owner(run_dir: Path, report_dir: Path | None, pipeline_path: Path, *, adopt: bool = False) -> None:
+    """RunOwnedError when another pipeline file owns `run_dir`, or `report_dir` holds the report of a run in
+    another directory that still exists. Reads only: call it before anything is written."""
+    if adopt:
+        return
+    me, run_dir = _owner_id(pipeline_path), Path(run_dir)
+    recorded = owner(run_dir)
+    if recorded is not None and recorded != me:
+        raise RunOwnedError(f"{run_dir} belongs to another pipeline file with the same name ({recorded}), not "
+                            f"{pipeline_path}; give this run another --out (and --reports), or rename one of the "
+                            f"pipelines, or pass --adopt to take the run directory over")
+    if report_dir is None:
+        return
+    from compress.io import FileReadError, read_regular_file
+
+    try:
+        report = json.loads(read_regular_file(Path(report_dir) / "report.json", MAX_MANIFEST_BYTES, "report"))
+    except (OSError, ValueError, RecursionError, FileReadError):
+        return  # no report (or none readable): nothing of another run to protect there
+    other = report.get("run_dir") if isinstance(report, dict) else None
+    if isinstance(other, str) and Path(other).is_dir() and Path(other).resolve() != run_dir.resolve():
+        raise RunOwnedError(f"{report_dir} holds the report of the run in {other}, not {run_dir}; give this run "
+                            f"another --reports (or rename one of the pipelines), or pass --adopt to replace it")
+
+
+def claim(run_dir: Path, pipeline_path: Path) -> None:
+    """Record `pipeline_path` as the owner of `run_dir` (written once, atomically; a no-op when recorded)."""
+    from datetime import datetime, timezone
+
+    me = _owner_id(pipeline_path)
+    try:
+        if owner(run_dir) == me:
+            return
+    except RunDirError:
+        pass  # an unreadable record is replaced (check_owner refused it unless --adopt was given)
+    atomic_write_json(Path(run_dir) / RUN_RECORD, {
+        "format": RUN_FORMAT, "pipeline": me, "name": Path(run_dir).name,
+        "claimed": datetime.now(timezone.utc).isoformat(timespec="seconds")})
