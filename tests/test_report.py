@@ -128,3 +128,10 @@ def test_run_writes_json_md_html_and_png(tmp_path):
     assert saved["run_dir"] == str(tmp_path / "runs" / "smoke")
     assert saved["data"]["preprocess"]["size"] == [16, 16]
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_plot_with_nothing_benchmarked_is_a_png_not_a_crash():
+    # benchmark.runtimes: [] leaves no latency to put on the log axis
+    from compress.stages.report import plot_pareto
+
+    assert plot_pareto([], "empty")[:4] == b"\x89PNG"
