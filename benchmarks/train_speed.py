@@ -55,10 +55,13 @@ from compress.runtime import machine_info  # noqa: E402
 from compress.training import fit  # noqa: E402
 
 
-def load_data(images: int, batch: int, device: torch.device, flip: bool) -> DataModule:
-    """Fashion-MNIST with `images` training images (the rest of the 60k held out as a small val split)."""
-    cfg = DataConfig(dataset="fashion-mnist", batch_size=batch, val_size=1000,
-                     augment=AugmentConfig(crop_padding=0, hflip=flip))
+def load_data(images: int, batch: int, device: torch.device, flip: bool, dataset: str = "fashion-mnist") -> DataModule:
+    """Fashion-MNIST with `images` training images (the rest of the 60k held out as a small val split);
+    `synthetic`: as many 1x28x28 images, for a machine without the dataset (the GPU check's)."""
+    extra = ({"synthetic": {"num_train": images + 1000, "num_test": 100, "num_classes": 10, "image_size": 28,
+                            "channels": 1}} if dataset == "synthetic" else {})
+    cfg = DataConfig(dataset=dataset, batch_size=batch, val_size=1000,
+                     augment=AugmentConfig(crop_padding=0, hflip=flip), **extra)
     raw = LOADERS[cfg.dataset](cfg, lambda m: None)
     keep = images + cfg.val_size
     raw.train_x, raw.train_y = raw.train_x[:keep], raw.train_y[:keep]
@@ -194,6 +197,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "synthetic"],
+                    help="synthetic: same-size random images, where Fashion-MNIST is not on the machine")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     ap.add_argument("--report", type=Path, default=None, help="a report.json whose stage wall times to include")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -203,8 +208,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     opts = OptimConfig(lr=0.05, schedule="onecycle")  # fit's defaults otherwise: SGD 0.9 nesterov, wd 5e-4, amp
-    plain = load_data(args.images, args.batch, device, flip=False)
-    flipped = load_data(args.images, args.batch, device, flip=True)
+    plain = load_data(args.images, args.batch, device, flip=False, dataset=args.dataset)
+    flipped = load_data(args.images, args.batch, device, flip=True, dataset=args.dataset)
     variants = {"minimal": lambda m: minimal_epoch(m, plain, opts, device),
                 "compress": lambda m: compress_epoch(m, plain, opts, device),
                 "compress_flip": lambda m: compress_epoch(m, flipped, opts, device),

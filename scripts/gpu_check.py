@@ -310,14 +310,14 @@ def checks(py: Path, work: Path, env: dict) -> list[dict]:
                   f"Image.fromarray((np.arange(28*28) % 256).astype('uint8').reshape(28, 28)).save({str(image)!r})")
     subprocess.run([py_s, "-c", make_image], env=env, capture_output=True)
     results.append(_check("infer.py", [py_s, str(work / "bundle" / "infer.py"), str(image), "--json"], 60, env))
+    # the teacher's training step against a minimal CUDA loop, img/s (synthetic images: the machine
+    # has no network and may have no Fashion-MNIST)
     results.append(_check("train speed", [py_s, "benchmarks/train_speed.py", "--models", "resnet20", "--images",
-                                          "10000", "--repeats", "1", "--device", "cuda", "--out", str(work),
-                                          "--name", "train_speed-gpu-check"], 120, env))
+                                          "10000", "--repeats", "1", "--device", "cuda", "--dataset", "synthetic",
+                                          "--out", str(work), "--name", "train_speed-gpu-check"], 150, env))
     speed = work / "train_speed-gpu-check.json"
     if speed.is_file():
         results[-1]["result"] = json.loads(speed.read_text())
-    elif "Fashion-MNIST" in results[-1]["output_tail"] or "fashion" in results[-1]["output_tail"].lower():
-        results[-1].update(passed=True, skipped="no Fashion-MNIST on this machine (train_speed uses it)")
     rep = report_dir / "report.json"
     if rep.is_file():
         report = json.loads(rep.read_text())
