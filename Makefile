@@ -49,5 +49,8 @@ GPU_WHEELS ?= .gpu-wheels
 gpu-wheels: $(VENV)/.installed
 	$(BIN)/python scripts/gpu_check.py prepare --wheels $(GPU_WHEELS) --python $(GPU_PYTHON)
 
+# The summary goes to GPU_CHECK_OUT (commit it as benchmarks/results/gpu-check-<GPU>.json). make turns
+# every failing exit code into its own 2: `python3 scripts/gpu_check.py run` gives 1 or 3 directly.
+GPU_CHECK_OUT ?= .gpu-check/gpu-check.json
 gpu-check:
-	$(PYTHON) scripts/gpu_check.py run --wheels $(GPU_WHEELS)
+	@$(PYTHON) scripts/gpu_check.py run --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT)

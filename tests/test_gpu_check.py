@@ -156,3 +156,14 @@ def test_the_fashion_gpu_pipeline_keeps_its_students_under_a_tenth_of_the_teache
     students = [n for n, s in stages.items() if s["type"] == "distill"]
     assert students and all(macs[n] <= macs["teacher"] / 10 for n in students), macs
     assert {s["from"] for s in stages.values() if s["type"] == "quantize"} == set(students)  # each gets INT8
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not __import__("shutil").which("make"),
+                    reason="a CUDA GPU is present, or no make")
+def test_make_gpu_check_on_a_cpu_machine_is_one_line(tmp_path):
+    proc = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PYTHON={sys.executable}",
+                           f"GPU_WHEELS={tmp_path / 'w'}", f"GPU_CHECK_OUT={tmp_path / 'out.json'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Error 3" in proc.stderr       # the script's distinct code, through make
+    assert proc.stdout.strip().startswith("gpu-check: no CUDA GPU") and len(proc.stdout.strip().splitlines()) == 1
+    assert not (tmp_path / "out.json").exists()
