@@ -167,3 +167,14 @@ def test_make_gpu_check_on_a_cpu_machine_is_one_line(tmp_path):
     assert proc.returncode != 0 and "Error 3" in proc.stderr       # the script's distinct code, through make
     assert proc.stdout.strip().startswith("gpu-check: no CUDA GPU") and len(proc.stdout.strip().splitlines()) == 1
     assert not (tmp_path / "out.json").exists()
+
+
+def test_a_failed_set_up_is_a_failed_check_with_a_summary(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "gpu_status", lambda: (True, "NVIDIA Test GPU, torch 2.11.0, CUDA 12.8"))
+    out = tmp_path / "summary.json"
+    rc = gpu_check.run(tmp_path / "no-wheels", out, tmp_path / "work")
+    assert rc == gpu_check.EXIT_FAILED == 1
+    summary = json.loads(out.read_text())
+    assert summary["passed"] is False and summary["gpu"].startswith("NVIDIA Test GPU")
+    assert summary["setup"]["passed"] is False and "make gpu-wheels" in summary["setup"]["error"]
+    assert summary["checks"] == [] and "FAILED" in capsys.readouterr().out
