@@ -352,7 +352,7 @@ def validate(
 @app.command()
 def init(
     model: str = typer.Argument(..., help="Registry name (see `compress models`) or path/to/file.py:ClassName."),
-    data: Path = typer.Option(..., "--data", "-d", help="Image folder: train/<class>/*.jpg, optional test/."),
+    data: Path = typer.Option(..., "--data", "-d", help="Image folder: `train/<class>/*.jpg`, optional `test/`."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Trained weights (.pt/.pth state_dict, "
                                            ".safetensors, a checkpoint, or a compress model.pt)."),
     output: Path = typer.Option(Path("pipeline.yaml"), "--output", "-o", help="Where to write the pipeline "
