@@ -98,11 +98,12 @@ def make_scheduler(optimizer, opts: OptimConfig, total_steps: int, steps_per_epo
 
 
 def autocast_for(device: torch.device, enabled: bool):
-    """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); nothing on CPU."""
+    """(autocast, GradScaler): bf16 autocast where the GPU supports it, else fp16 with a working scaler;
+    nothing on CPU. The scaler is always there, a no-op (`enabled=False`) unless fp16 needs it."""
     if device.type != "cuda" or not enabled:
-        return nullcontext(), None
+        return nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
     if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
+        return torch.autocast("cuda", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False)
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
@@ -143,17 +144,30 @@ def recalibrate_bn(model: nn.Module, batches, max_batches: int = 20) -> None:
     model.train(was_training)
 
 
+def compute_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, teachers: list[nn.Module] = (),
+                 kd_loss: Callable | None = None, label_smoothing: float = 0.0,
+                 penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+                 model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of one batch: `kd_loss` against the frozen teachers, or cross-entropy without them,
+    plus `penalty(model)`. The one loss of `fit` and of prune's gradient pass."""
+    logits = net(x)
+    if teachers:
+        with torch.inference_mode():  # no autograd bookkeeping at all for the teachers
+            t_logits = [t(x) for t in teachers]
+        # Outside inference mode, as normal tensors: the loss may save them for its backward.
+        loss = kd_loss(logits, [t.clone() for t in t_logits], y)
+    else:
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    if penalty is not None:
+        loss = loss + penalty(net if model is None else model)
+    return loss, logits
+
+
 def gradient_pass(model: nn.Module, batches, *, teachers: list[nn.Module] = (),
                   kd_loss: Callable | None = None) -> None:
     """Accumulate the loss's gradients over `batches` in `.grad`, without a step (prune's Taylor importance)."""
     for x, y in batches:
-        logits = model(x)
-        if teachers:
-            with torch.no_grad():
-                t_logits = [t(x) for t in teachers]
-            loss = kd_loss(logits, t_logits, y)
-        else:
-            loss = F.cross_entropy(logits, y)
+        loss, _ = compute_loss(model, x, y, teachers=teachers, kd_loss=kd_loss)
         loss.backward()
 
 
@@ -211,28 +225,181 @@ _DEVICE_FIELDS = {"loss_sum": torch.float32, "correct": torch.long, "counted": t
 
 
 class _Trainer:
-    """The mutable objects of one fit, saved and restored together."""
+    """One fit: its mutable objects (saved and restored together) and the loop's steps as methods.
 
-    def __init__(self, model, optimizer, scheduler, scaler, kd_loss, ema: EMA | None = None):
-        self.model, self.optimizer, self.scheduler, self.scaler, self.kd_loss, self.ema = (
-            model, optimizer, scheduler, scaler, kd_loss, ema)
+    `fit` is the loop; each method is one idea of it. `optimizer_step` is the one place that knows
+    about the AMP scaler (a GradScaler that is a no-op when off, as in nanoGPT), the fused
+    optimizer's device flag and DDP.
+    """
 
-    def snapshot(self, progress: _Progress) -> bytes:
+    def __init__(self, model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch.device,
+                 teachers, kd_loss, penalty, log, desc: str, checkpoint, nonfinite_patience: int, max_rollbacks: int):
+        self.model, self.data, self.opts, self.epochs, self.device = model, data, opts, epochs, device
+        self.teachers, self.kd_loss, self.penalty, self.log, self.desc = list(teachers), kd_loss, penalty, log, desc
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.patience, self.max_rollbacks = nonfinite_patience, max_rollbacks
+        model.to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        for t in self.teachers:
+            t.to(device).eval().requires_grad_(False)
+        self.batch_size = opts.batch_size or data.batch_size
+        self.steps_per_epoch = data.steps_per_epoch(self.batch_size)
+        # A distillation loss may learn too (e.g. adapters between feature maps): train it with the student.
+        self.loss_params = list(kd_loss.parameters()) if isinstance(kd_loss, nn.Module) else []
+        if self.loss_params:
+            kd_loss.to(device).train()
+        self.optimizer = make_optimizer(model, opts, self.loss_params)
+        self.scheduler = make_scheduler(self.optimizer, opts, epochs * self.steps_per_epoch, self.steps_per_epoch)
+        self.autocast, self.scaler = autocast_for(device, opts.amp)
+        self.split = "val" if data.num_val > 0 else "train"
+        self.ema = EMA(model, opts.ema_decay) if opts.ema_decay else None
+        self.scored = self.ema.module if self.ema is not None else model  # evaluated, kept as best, returned
+        self.mix = Mixer.from_config(opts, data.num_classes, data.seed)    # mixup / cutmix, None when off
+        # Under torchrun (compress.distributed): DDP averages the gradients; every process trains on its
+        # slice of each batch, and only rank 0 writes the checkpoint.
+        self.ddp, self.rank, self.world = distributed.data_parallel(), distributed.rank(), distributed.world()
+        self.net = model
+        if self.ddp:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if opts.compile:  # the training forward only; evaluation and the saved weights use `model` itself
+            self.net = torch.compile(self.net)
+        self.prog = self.fresh_sums(_Progress())
+        self.good = self.snapshot()  # the last good state: where a rollback returns to
+
+    # --------------------------------------------------------------------- one step
+
+    def batches(self, epoch: int):
+        """(step, images, targets) of an epoch from where it stands: mixed, this process's slice, laid out."""
+        # The order is a function of (seed, epoch): a resumed epoch skips the steps already done. Under DDP each
+        # process reads only its slice of a batch (all of it when mixing pairs images across slices).
+        shard = (self.rank, self.world) if self.ddp and self.mix is None else None
+        batches = itertools.islice(self.data.train_batches(epoch, self.batch_size, shard=shard), self.prog.step, None)
+        for step, (x, y) in enumerate(batches, start=self.prog.step):
+            if self.mix is not None:  # y becomes (B, K) mixed targets; the teachers see the mixed images too
+                x, y = self.mix(x, y, epoch, step)
+            if self.ddp and shard is None:  # this process's slice; the slices of all processes make up the batch
+                x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield step, x, y
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, student logits) of one batch, under autocast."""
+        with self.autocast:
+            return compute_loss(self.net, x, y, teachers=self.teachers, kd_loss=self.kd_loss,
+                                label_smoothing=self.opts.label_smoothing, penalty=self.penalty, model=self.model)
+
+    def optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward, step, EMA, schedule; returns the device flag of a non-finite loss (its step skipped).
+
+        The step of a NaN/inf loss is skipped without asking the host: the fused optimizer reads
+        `found_inf` on the device (GradScaler does the same with its own flag under fp16 autocast).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        bad = ~torch.isfinite(loss.detach())
+        if self.ddp:  # one process's NaN poisons the averaged gradients: all skip together
+            bad = distributed.all_reduce_(bad.to(torch.uint8), "max").bool()
+            for p in self.loss_params:  # a loss's own weights (adapters) are not in the DDP module
+                if p.grad is not None:
+                    distributed.all_reduce_(p.grad).div_(self.world)
+        if not self.scaler.is_enabled():
+            self.optimizer.found_inf = bad.float().reshape(1)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.found_inf = None
+        if self.ema is not None:  # also after a skipped step: averaging unmoved weights once more is harmless
+            self.ema.update(self.model)
+        self.scheduler.step()  # the schedule counts steps, taken or skipped
+        return bad
+
+    def accumulate(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                   bad: torch.Tensor) -> None:
+        """Add a step to the epoch's running sums, on the device (the host reads them at a refresh)."""
+        p, n = self.prog, y.shape[0]
+        p.loss_sum += torch.where(bad, 0.0, loss.detach().float() * n)
+        p.correct += (logits.detach().argmax(1) == (y.argmax(1) if y.ndim > 1 else y)).sum() * ~bad
+        p.counted += n * ~bad
+        p.skipped += bad
+        p.streak = (p.streak + 1) * bad
+        p.tripped = torch.where((p.tripped < 0) & (p.streak >= self.patience), step, p.tripped)
+        p.seen += n
+        p.step = step + 1
+
+    def progress_info(self, epoch: int, t0: float) -> str:
+        """The progress bar's text (reads the device)."""
+        p = self.prog
+        rate, counted = p.seen / max(time.perf_counter() - t0, 1e-9), max(int(p.counted), 1)
+        return (f"epoch {epoch + 1}/{self.epochs}  loss {p.loss_sum.item() / counted:.3f}  "
+                f"acc {p.correct.item() * 100 / counted:.1f}%  {rate:,.0f} img/s")
+
+    # --------------------------------------------------------------------- one epoch
+
+    def end_epoch(self, epoch: int, t0: float) -> None:
+        """Evaluate, record and log the epoch, keep the best weights, checkpoint."""
+        p, split = self.prog, self.split
+        epoch_time = time.perf_counter() - t0
+        acc = evaluate(self.scored, self.data.eval_batches(split))
+        sums = torch.stack([p.loss_sum.double(), p.correct.double(), p.counted.double(),
+                            torch.tensor(float(p.seen), dtype=torch.float64, device=self.device)])
+        loss_sum, correct, counted, seen = distributed.all_reduce_(sums).tolist()  # over processes
+        counted, seen, n_skipped = max(counted, 1), int(seen), int(p.skipped)
+        record = {"epoch": epoch + 1, "loss": loss_sum / counted,
+                  "train_accuracy": correct * 100 / counted, f"{split}_accuracy": acc,
+                  "seconds": round(epoch_time, 2), "images_per_s": round(seen / max(epoch_time, 1e-9), 1),
+                  "skipped_steps": n_skipped}
+        p.history.append(record)
+        skipped = f", {n_skipped} non-finite steps skipped" if n_skipped else ""
+        self.log(f"{self.desc}: epoch {epoch + 1}/{self.epochs} loss {record['loss']:.4f} "
+                 f"train {record['train_accuracy']:.2f}% {split} {acc:.2f}% ({record['images_per_s']:,.0f} img/s)"
+                 f"{skipped}")
+        if acc > p.best_accuracy:
+            p.best_accuracy, p.best_epoch = acc, epoch + 1
+            p.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.scored.state_dict().items()}
+        p.images_seen += seen
+        p.train_seconds += epoch_time
+        p.epoch, p.step = epoch + 1, 0
+        self.fresh_sums(p)
+        self.save()
+
+    def fresh_sums(self, p: _Progress) -> _Progress:
+        for name, dtype in _DEVICE_FIELDS.items():
+            setattr(p, name, torch.full((), -1 if name == "tripped" else 0, device=self.device, dtype=dtype))
+        p.seen = 0
+        p.epoch_seconds = 0.0
+        return p
+
+    def finish(self) -> dict:
+        """Load the best weights; the metrics of the whole fit."""
+        p = self.prog
+        if p.best_state is not None:
+            self.model.load_state_dict(p.best_state)
+        self.model.to(memory_format=torch.contiguous_format)
+        return {"best_accuracy": p.best_accuracy, "best_split": self.split, "best_epoch": p.best_epoch,
+                "epochs": self.epochs, "train_seconds": round(p.train_seconds, 2),
+                "train_images_per_s": round(p.images_seen / max(p.train_seconds, 1e-9), 1),
+                "rollbacks": p.rollbacks, "history": p.history}
+
+    # --------------------------------------------------------------------- checkpoints, rollback, stop
+
+    def snapshot(self) -> bytes:
         """Everything needed to continue exactly here, serialized: the same bytes go to disk."""
         state = {"format": CHECKPOINT_FORMAT,
                  "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                  "kd_loss": self.kd_loss.state_dict() if isinstance(self.kd_loss, nn.Module) else None,
                  "ema": self.ema.state_dict() if self.ema is not None else None,
                  "rng": rng_state(),
-                 "progress": asdict(progress)}
+                 "progress": asdict(self.prog)}
         buf = io.BytesIO()
         torch.save(state, buf)
         return buf.getvalue()
 
-    def restore(self, state: dict, device: torch.device) -> _Progress:
+    def restore(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"not a {CHECKPOINT_FORMAT} file")
         own = self.model.state_dict()
@@ -244,7 +411,7 @@ class _Trainer:
         self.model.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"]:
+        if self.scaler.is_enabled() and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if isinstance(self.kd_loss, nn.Module) and state["kd_loss"] is not None:
             self.kd_loss.load_state_dict(state["kd_loss"])
@@ -253,8 +420,56 @@ class _Trainer:
         set_rng_state(state["rng"])
         progress = _Progress(**state["progress"])
         for name, dtype in _DEVICE_FIELDS.items():
-            setattr(progress, name, torch.as_tensor(getattr(progress, name), dtype=dtype).to(device))
-        return progress
+            setattr(progress, name, torch.as_tensor(getattr(progress, name), dtype=dtype).to(self.device))
+        self.prog = progress
+
+    def resume(self) -> None:
+        """Continue from the checkpoint file, if there is one this fit can use."""
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return
+        try:
+            self.restore(safe_load(self.checkpoint, "training checkpoint"))
+            self.good = self.snapshot()
+            where = (f"epoch {self.prog.epoch + 1}, step {self.prog.step}/{self.steps_per_epoch}"
+                     if self.prog.epoch < self.epochs else "the end of training")
+            self.log(f"{self.desc}: resuming from {self.checkpoint.name} at {where}")
+        except (CheckpointError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            self.restore(_load_blob(self.good))
+            self.log(f"{self.desc}: ignoring {self.checkpoint} ({str(exc).splitlines()[0][:200]}); starting this "
+                     f"stage from scratch")
+
+    def save(self) -> None:
+        self.good = self.snapshot()
+        if self.checkpoint is not None and self.rank == 0:
+            atomic_write_bytes(self.checkpoint, self.good)
+
+    def rollback(self, why: str) -> None:
+        """Back to the last good state with the learning rate halved; StageError after max_rollbacks."""
+        opts, tries = self.opts, self.prog.rollbacks + 1
+        if self.prog.rollbacks >= self.max_rollbacks:
+            raise StageError(f"{self.desc}: {why}, and {self.max_rollbacks} rollbacks, each halving the learning "
+                             f"rate (last try: lr {opts.lr * 0.5 ** self.prog.rollbacks:.3g}), did not help; lower "
+                             f"lr (the config has {opts.lr:g}), check the data"
+                             f"{', or set amp: false' if self.scaler.is_enabled() else ''}")
+        self.restore(_load_blob(self.good))
+        self.prog.rollbacks = tries
+        self.halve_lr()
+        self.good = self.snapshot()
+        self.log(f"{self.desc}: {why}: rolled back to epoch {self.prog.epoch + 1} step {self.prog.step} with the "
+                 f"learning rate halved (rollback {tries} of {self.max_rollbacks})")
+
+    def stop(self, signum: int, at: str, saved: bool = False) -> None:
+        """Raise Interrupted, checkpointing first unless the weights went non-finite."""
+        name, checkpoint = signal.Signals(signum).name, self.checkpoint
+        if checkpoint is None:
+            raise Interrupted(f"{self.desc}: stopped by {name} {at}")
+        if saved or self.finite():
+            if not saved:
+                self.save()
+            raise Interrupted(f"{self.desc}: stopped by {name} {at}; progress saved to {checkpoint}; "
+                              f"run the same command again to resume")
+        raise Interrupted(f"{self.desc}: stopped by {name} {at}; the weights were non-finite, so the last good "
+                          f"checkpoint ({checkpoint}) was kept")
 
     def halve_lr(self) -> None:
         """Halve every learning rate the schedule derives from (LambdaLR: base_lrs; OneCycleLR: the groups)."""
@@ -310,209 +525,46 @@ def fit(model: nn.Module, data, opts: OptimConfig, epochs: int, *, device: torch
     from that file when it exists and rewrites it after every epoch (and on SIGINT/SIGTERM,
     which then raise `Interrupted`); the caller deletes it once the result is saved.
     """
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    for t in teachers:
-        t.to(device).eval().requires_grad_(False)
-    batch_size = opts.batch_size or data.batch_size
-    steps_per_epoch = data.steps_per_epoch(batch_size)
-    # A distillation loss may learn too (e.g. adapters between feature maps): train it with the student.
-    loss_params = list(kd_loss.parameters()) if isinstance(kd_loss, nn.Module) else []
-    if loss_params:
-        kd_loss.to(device).train()
-    optimizer = make_optimizer(model, opts, loss_params)
-    scheduler = make_scheduler(optimizer, opts, epochs * steps_per_epoch, steps_per_epoch)
-    autocast, scaler = autocast_for(device, opts.amp)
-    has_val = data.num_val > 0
-    split = "val" if has_val else "train"
-    ema = EMA(model, opts.ema_decay) if opts.ema_decay else None
-    scored = ema.module if ema is not None else model   # the weights evaluated, kept as best and returned
-    mix = Mixer.from_config(opts, data.num_classes, data.seed)   # mixup / cutmix, None when off
-    trainer = _Trainer(model, optimizer, scheduler, scaler, kd_loss, ema)
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
-    # Under torchrun (compress.distributed): DDP averages the gradients; every process sees the
-    # same batches and trains on its slice of each, and only rank 0 writes the checkpoint.
-    ddp, rank, world = distributed.data_parallel(), distributed.rank(), distributed.world()
-    net = model
-    if ddp:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if opts.compile:  # the training forward only; evaluation and the saved weights use `model` itself
-        net = torch.compile(net)
-
-    def fresh_sums(p: _Progress) -> None:
-        for name, dtype in _DEVICE_FIELDS.items():
-            setattr(p, name, torch.full((), -1 if name == "tripped" else 0, device=device, dtype=dtype))
-        p.seen = 0
-        p.epoch_seconds = 0.0
-
-    prog = _Progress()
-    fresh_sums(prog)
-    good = trainer.snapshot(prog)  # the last good state: where a rollback returns to
-    if checkpoint is not None and checkpoint.is_file():
-        try:
-            prog = trainer.restore(safe_load(checkpoint, "training checkpoint"), device)
-            good = trainer.snapshot(prog)
-            where = (f"epoch {prog.epoch + 1}, step {prog.step}/{steps_per_epoch}" if prog.epoch < epochs
-                     else "the end of training")
-            log(f"{desc}: resuming from {checkpoint.name} at {where}")
-        except (CheckpointError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-            prog = trainer.restore(_load_blob(good), device)
-            log(f"{desc}: ignoring {checkpoint} ({str(exc).splitlines()[0][:200]}); starting this stage "
-                f"from scratch")
-
-    def save(p: _Progress) -> None:
-        nonlocal good
-        good = trainer.snapshot(p)
-        if checkpoint is not None and rank == 0:
-            atomic_write_bytes(checkpoint, good)
-
-    def rollback(p: _Progress, why: str) -> _Progress:
-        nonlocal good
-        if p.rollbacks >= max_rollbacks:
-            raise StageError(f"{desc}: {why}, and {max_rollbacks} rollbacks, each halving the learning rate "
-                             f"(last try: lr {opts.lr * 0.5 ** p.rollbacks:.3g}), did not help; lower lr "
-                             f"(the config has {opts.lr:g}), check the data"
-                             f"{', or set amp: false' if scaler is not None else ''}")
-        tries = p.rollbacks + 1
-        p = trainer.restore(_load_blob(good), device)
-        p.rollbacks = tries
-        trainer.halve_lr()
-        good = trainer.snapshot(p)
-        log(f"{desc}: {why}: rolled back to epoch {p.epoch + 1} step {p.step} with the learning rate halved "
-            f"(rollback {tries} of {max_rollbacks})")
-        return p
-
-    def stop(p: _Progress, signum: int, at: str, saved: bool = False) -> None:
-        name = signal.Signals(signum).name
-        if checkpoint is None:
-            raise Interrupted(f"{desc}: stopped by {name} {at}")
-        if saved or trainer.finite():
-            if not saved:
-                save(p)
-            raise Interrupted(f"{desc}: stopped by {name} {at}; progress saved to {checkpoint}; "
-                              f"run the same command again to resume")
-        raise Interrupted(f"{desc}: stopped by {name} {at}; the weights were non-finite, so the last good "
-                          f"checkpoint ({checkpoint}) was kept")
-
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    with _stop_on_signals(checkpoint is not None) as signals, \
+    tr = _Trainer(model, data, opts, epochs, device=device, teachers=teachers, kd_loss=kd_loss, penalty=penalty,
+                  log=log, desc=desc, checkpoint=checkpoint, nonfinite_patience=nonfinite_patience,
+                  max_rollbacks=max_rollbacks)
+    tr.resume()
+    steps = tr.steps_per_epoch
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with _stop_on_signals(tr.checkpoint is not None) as signals, \
             Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(desc, total=epochs * steps_per_epoch, info="")
-        while prog.epoch < epochs:
-            epoch = prog.epoch
+        task = bar.add_task(desc, total=epochs * steps, info="")
+        while tr.prog.epoch < epochs:
+            epoch = tr.prog.epoch
             model.train()
-            t0 = time.perf_counter() - prog.epoch_seconds
+            t0 = time.perf_counter() - tr.prog.epoch_seconds
             rolled_back = False
-            # The order is a function of (seed, epoch): a resumed epoch skips the steps already done.
-            # Under DDP each process reads only its slice of a batch (all of it when mixing pairs images across slices).
-            shard = (rank, world) if ddp and mix is None else None
-            batches = itertools.islice(data.train_batches(epoch, batch_size, shard=shard), prog.step, None)
-            for step, (x, y) in enumerate(batches, start=prog.step):
-                if mix is not None:  # y becomes (B, K) mixed targets; the teachers see the mixed images too
-                    x, y = mix(x, y, epoch, step)
-                if ddp and shard is None:  # this process's slice; the slices of all processes make up the batch
-                    x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    logits = net(x)
-                    if teachers:
-                        with torch.inference_mode():  # no autograd bookkeeping at all for the teachers
-                            t_logits = [t(x) for t in teachers]
-                        # Outside inference mode, as normal tensors: the loss may save them for its backward.
-                        loss = kd_loss(logits, [t.clone() for t in t_logits], y)
-                    else:
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=opts.label_smoothing)
-                    if penalty is not None:
-                        loss = loss + penalty(model)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                # Skip the step of a NaN/inf loss without asking the host: the fused optimizer reads the
-                # flag on the device (GradScaler does the same with its own flag under fp16 autocast).
-                loss = loss.detach()
-                bad = ~torch.isfinite(loss)
-                if ddp:  # one process's NaN poisons the averaged gradients: all skip together
-                    bad = distributed.all_reduce_(bad.to(torch.uint8), "max").bool()
-                    for p in loss_params:  # a loss's own weights (adapters) are not in the DDP module
-                        if p.grad is not None:
-                            distributed.all_reduce_(p.grad).div_(world)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.found_inf = bad.float().reshape(1)
-                    optimizer.step()
-                    optimizer.found_inf = None
-                if ema is not None:  # also after a skipped step: averaging unmoved weights once more is harmless
-                    ema.update(model)
-                n = y.shape[0]
-                prog.loss_sum += torch.where(bad, 0.0, loss.float() * n)
-                prog.correct += (logits.detach().argmax(1) == (y.argmax(1) if y.ndim > 1 else y)).sum() * ~bad
-                prog.counted += n * ~bad
-                prog.skipped += bad
-                prog.streak = (prog.streak + 1) * bad
-                prog.tripped = torch.where((prog.tripped < 0) & (prog.streak >= nonfinite_patience), step, prog.tripped)
-                prog.seen += n
-                scheduler.step()  # the schedule counts steps, taken or skipped
-                prog.step = step + 1
-                refresh = (step + 1) % REFRESH_EVERY == 0 or step + 1 == steps_per_epoch
+            for step, x, y in tr.batches(epoch):
+                loss, logits = tr.loss(x, y)
+                bad = tr.optimizer_step(loss)
+                tr.accumulate(step, loss, logits, y, bad)
+                refresh = (step + 1) % REFRESH_EVERY == 0 or step + 1 == steps
                 # The host reads the device only here, every REFRESH_EVERY steps: a streak of non-finite
                 # losses (their steps already skipped) is caught within that many steps.
-                if (refresh or signals) and (tripped := int(prog.tripped)) >= 0:
-                    prog = rollback(prog, f"{nonfinite_patience} non-finite losses in a row (epoch {epoch + 1}, "
-                                          f"step {tripped + 1})")
+                if (refresh or signals) and (tripped := int(tr.prog.tripped)) >= 0:
+                    tr.rollback(f"{nonfinite_patience} non-finite losses in a row (epoch {epoch + 1}, "
+                                f"step {tripped + 1})")
                     rolled_back = True
                     if signals:
-                        stop(prog, signals[0], f"at epoch {prog.epoch + 1}, step {prog.step}/{steps_per_epoch}")
+                        tr.stop(signals[0], f"at epoch {tr.prog.epoch + 1}, step {tr.prog.step}/{steps}")
                     break
                 if signals:
-                    prog.epoch_seconds = time.perf_counter() - t0
-                    stop(prog, signals[0], f"at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}")
+                    tr.prog.epoch_seconds = time.perf_counter() - t0
+                    tr.stop(signals[0], f"at epoch {epoch + 1}, step {step + 1}/{steps}")
                 if refresh:
-                    rate = prog.seen / max(time.perf_counter() - t0, 1e-9)
-                    counted = max(int(prog.counted), 1)
-                    info = (f"epoch {epoch + 1}/{epochs}  loss {prog.loss_sum.item() / counted:.3f}  "
-                            f"acc {prog.correct.item() * 100 / counted:.1f}%  {rate:,.0f} img/s")
-                    bar.update(task, completed=epoch * steps_per_epoch + step + 1, info=info)
+                    bar.update(task, completed=epoch * steps + step + 1, info=tr.progress_info(epoch, t0))
             if rolled_back:
                 continue
-            if not trainer.finite():  # a finite loss can still leave inf weights (e.g. overflowing gradients)
-                prog = rollback(prog, f"the weights became non-finite in epoch {epoch + 1}")
+            if not tr.finite():  # a finite loss can still leave inf weights (e.g. overflowing gradients)
+                tr.rollback(f"the weights became non-finite in epoch {epoch + 1}")
                 continue
-            epoch_time = time.perf_counter() - t0
-            acc = evaluate(scored, data.eval_batches(split))
-            sums = torch.stack([prog.loss_sum.double(), prog.correct.double(), prog.counted.double(),
-                                torch.tensor(float(prog.seen), dtype=torch.float64, device=device)])
-            loss_sum, correct, counted, seen = distributed.all_reduce_(sums).tolist()  # over processes
-            counted, seen, n_skipped = max(counted, 1), int(seen), int(prog.skipped)
-            record = {"epoch": epoch + 1, "loss": loss_sum / counted,
-                      "train_accuracy": correct * 100 / counted, f"{split}_accuracy": acc,
-                      "seconds": round(epoch_time, 2), "images_per_s": round(seen / max(epoch_time, 1e-9), 1),
-                      "skipped_steps": n_skipped}
-            prog.history.append(record)
-            skipped = f", {n_skipped} non-finite steps skipped" if n_skipped else ""
-            log(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f} "
-                f"train {record['train_accuracy']:.2f}% {split} {acc:.2f}% ({record['images_per_s']:,.0f} img/s)"
-                f"{skipped}")
-            if acc > prog.best_accuracy:
-                prog.best_accuracy, prog.best_epoch = acc, epoch + 1
-                prog.best_state = {k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()}
-            prog.images_seen += seen
-            prog.train_seconds += epoch_time
-            prog.epoch, prog.step = epoch + 1, 0
-            fresh_sums(prog)
-            save(prog)
+            tr.end_epoch(epoch, t0)
             if signals:
-                stop(prog, signals[0], f"after epoch {epoch + 1}", saved=True)
-    if prog.best_state is not None:
-        model.load_state_dict(prog.best_state)
-    model.to(memory_format=torch.contiguous_format)
-    return {"best_accuracy": prog.best_accuracy, "best_split": split, "best_epoch": prog.best_epoch,
-            "epochs": epochs, "train_seconds": round(prog.train_seconds, 2),
-            "train_images_per_s": round(prog.images_seen / max(prog.train_seconds, 1e-9), 1),
-            "rollbacks": prog.rollbacks, "history": prog.history}
+                tr.stop(signals[0], f"after epoch {epoch + 1}", saved=True)
+    return tr.finish()
