@@ -224,7 +224,8 @@ def _differences(reports: list[dict], labels: list[str], keys: list[Key],
         warnings.append("pipelines differ: " + ", ".join(f"{lab} {n}" for lab, n in zip(labels, names)))
     else:
         configs = [_flat((rep.get("pipeline") or {}).get("config") or {}) for rep in reports]
-        changed = sorted({k for c in configs[1:] for k in set(c) | set(configs[0]) if c.get(k) != configs[0].get(k)})
+        # keys in both only: a key one version of compress added (with its default) is no difference
+        changed = sorted({k for c in configs[1:] for k in set(c) & set(configs[0]) if c[k] != configs[0][k]})
         if changed:
             more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
             warnings.append(f"pipeline {names[0]}: the configs differ in {', '.join(changed[:5])}{more}")

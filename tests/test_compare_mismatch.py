@@ -86,3 +86,9 @@ def test_cli_shows_machines_side_by_side_and_the_flag(tmp_path):
     assert "(+40.00)" not in out and "(differs)" in out
     res = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--include-mismatched"])
     assert res.exit_code == 0 and "(+40.00)" in res.output
+
+
+def test_a_config_key_only_one_version_has_is_no_difference(tmp_path):
+    a = write(tmp_path, "a", report([row("t", "m", 1.0, 1.0)], config={"seed": 0}))
+    b = write(tmp_path, "b", report([row("t", "m", 1.0, 1.0)], config={"seed": 0, "data": {"blur": 0.0}}))
+    assert compare([a, b]).warnings == []
