@@ -32,9 +32,13 @@ run: setup
 	$(BIN)/compress run $(PIPELINE)
 
 # pytest exits 5 when it collects no tests: treat that as a failure to find the suite, with a message.
-test: setup
+# Lint first: a name that does not exist fails in a second, not after the suite.
+test: setup lint
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): is tests/ there?"; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check compress tests teachers students benchmarks scripts
 
 clean:
 	rm -rf runs .pytest_cache

@@ -218,7 +218,6 @@ def _differences(reports: list[dict], labels: list[str], keys: list[Key],
     deltas would compare different models or different data (a resnet8 on synthetic images
     and a resnet20 on Fashion-MNIST can both be called `teacher`)."""
     warnings, mismatched = [], set()
-    base = reports[0]
     names = [(rep.get("pipeline") or {}).get("name", "?") for rep in reports]
     if len(set(names)) > 1:
         warnings.append("pipelines differ: " + ", ".join(f"{lab} {n}" for lab, n in zip(labels, names)))

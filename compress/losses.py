@@ -410,7 +410,6 @@ class KDLoss(DistillLoss):
         return soft_targets(teacher_logits, self.temperature, weights)
 
 
-LOGIT_TERMS = {"kd": KD, "dkd": DKD, "dist": DIST, "logit_std": LogitStd}
 FEATURE_TERMS = {"fitnet": FitNet, "at": AT}
 
 

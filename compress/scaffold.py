@@ -142,7 +142,7 @@ def render(model: str, weights: Path | None, data: Path, output: Path, finetune:
             f"  teacher: {{type: train, model: {model_ref}, epochs: 10}}",
         ]
     lines += [
-        f"  # A small student learns from the teacher's soft targets (Hinton KD); `compress models` lists others.",
+        "  # A small student learns from the teacher's soft targets (Hinton KD); `compress models` lists others.",
         f"  student: {{type: distill, from: teacher, model: {student}, epochs: 10, lr: 0.05}}",
         "  # Structured pruning to half the student's MACs, then KD fine-tuning from the teacher.",
         "  student-pruned: {type: prune, from: student, target_macs: 0.5, finetune_epochs: 2, lr: 0.01}",

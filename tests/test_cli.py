@@ -40,7 +40,7 @@ def test_bad_pipeline_is_one_line_exit_2(tmp_path, text, expect):
         out = compress(*command, str(tmp_path / "p.yaml"))
         assert out.returncode == 2
         assert "Traceback" not in out.stderr
-        lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+        lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and expect in lines[0], out.stderr
     assert not (tmp_path / "runs").exists()
 

@@ -100,7 +100,7 @@ def test_cli_table_gates_and_exit_codes(pair, tmp_path):
     bad = runner.invoke(app, ["compare", str(a), str(b), "--fail-if", "accuracy_drop>0.5",
                               "--fail-if", "latency_increase>10%", "--fail-if", "latency_increase>100%"])
     assert bad.exit_code == 1
-    gates = [l for l in bad.stderr.splitlines() if l.startswith("gate:")]
+    gates = [ln for ln in bad.stderr.splitlines() if ln.startswith("gate:")]
     assert len(gates) == 2 and "accuracy_drop>0.5 violated" in gates[0] and "latency_increase>10% violated" in gates[1]
 
 
@@ -126,7 +126,7 @@ def test_unreadable_inputs_are_one_line_exit_2(pair, tmp_path):
     for args in cases[:-1]:
         out = CliRunner().invoke(app, ["compare", *args])
         assert out.exit_code == 2, (args, out.output)
-        lines = [l for l in out.stderr.splitlines() if l.strip()]
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), (args, out.stderr)
     # The real entry point, as CI would call it: exit 2, one line, no traceback.
     proc = subprocess.run([sys.executable, "-m", "compress", "compare", *cases[-1]], cwd=ROOT, capture_output=True,

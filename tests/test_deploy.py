@@ -273,7 +273,7 @@ def test_out_is_refused_unless_forced_and_replaced_whole(run, tmp_path):
 def test_bad_requests_are_one_line_exit_2(run, tmp_path, args, message):
     res = CliRunner().invoke(app, ["deploy", str(run["report"]), *args, "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, res.output
-    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert not (tmp_path / "o").exists()
 
@@ -374,3 +374,30 @@ def test_triton_plan_ships_with_its_tensorrt_version_and_a_rebuild_script(run, t
     with pytest.raises(deploy_mod.DeployError, match="records no TensorRT version"):
         deploy(run["report"], "teacher", "triton", tmp_path / "repo2", runs=runs, log=lambda m: None)
     assert not (tmp_path / "repo2" / "teacher").exists()
+
+
+@pytest.mark.parametrize("artifact", ["teacher", "teacher-int8"])
+def test_openvino_bundle_ships_ir_and_classifies_like_the_model(run, tmp_path, artifact):
+    pytest.importorskip("openvino")
+    out = deploy(run["report"], artifact, "openvino", tmp_path / "ov", log=lambda m: None)
+    assert {"model.xml", "model.bin", "model.onnx", "infer.py", "manifest.json"} <= {p.name for p in out.iterdir()}
+    m = check_manifest(out, run)
+    assert m["target"] == "openvino" and m["measured_with"]["runtime"] == "openvino"
+    got = infer_json(out, run["images"])
+    assert all(g["runtime"].startswith("openvino") for g in got)
+    if artifact == "teacher":
+        expected = [run["data"].class_names[k] for k in predict_torch(run, "teacher")]
+        assert [g["class"] for g in got] == expected
+    else:  # the INT8 IR decides like the INT8 ONNX it came from, read by ONNX Runtime
+        onnx_file = next(k for k in ("onnx_int8_cpu", "onnx_int8") if k in m["source"]["files"])
+        ref = predict_onnx(run, m["source"]["files"][onnx_file]["path"])
+        agree = sum(g["class"] == run["data"].class_names[k] for g, k in zip(got, ref))
+        assert agree >= len(ref) - 1  # int8 rounding may flip one near-tie of 16
+
+
+def test_onnx_bundle_names_the_runtime_version_it_was_measured_with(run, tmp_path):
+    out = deploy(run["report"], "teacher-int8", "onnx", tmp_path / "b", log=lambda m: None)
+    m = json.loads((out / "manifest.json").read_text())
+    report = json.loads((run["report"] / "report.json").read_text())
+    assert m["measured_with"] == {"runtime": "onnxruntime", "version": report["machine"]["versions"]["onnxruntime"],
+                                  "cpu": report["machine"]["cpu"], "note": None}

@@ -143,7 +143,7 @@ def test_sigterm_stops_cleanly_and_a_second_run_is_locked_out(tmp, reference):
     line = last_line(stderr)
     assert line.startswith("stopped: teacher: stopped by SIGTERM at ") and line.endswith(
         "; run the same command again to resume"), line
-    assert [l for l in stderr.splitlines() if l.startswith(("stopped:", "error:"))] == [line]
+    assert [ln for ln in stderr.splitlines() if ln.startswith(("stopped:", "error:"))] == [line]
     assert not (stage_dir / "manifest.json").exists()
 
     again = run(tmp, "stopped")

@@ -7,7 +7,6 @@ The CLI runs in-process (typer's runner); `validate` and `run` are asked the sam
 
 import json
 import os
-import textwrap
 import time
 from pathlib import Path
 

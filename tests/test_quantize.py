@@ -299,7 +299,7 @@ def test_ort_histogram_calibration_clips_ranges(ort, method):
     minmax, _ = ort_qdq(ort["fp32"], ort["calib"], subset_size=96)
     other, info = ort_qdq(ort["fp32"], ort["calib"], subset_size=96, calibrate_method=method)
     assert info["calibrate_method"] == method
-    scale = lambda proto: {l.name: float(l.activation.scale) for l in sens.find_layers(proto)}  # noqa: E731
+    scale = lambda proto: {layer.name: float(layer.activation.scale) for layer in sens.find_layers(proto)}  # noqa: E731
     a, b = scale(minmax), scale(other)
     assert a.keys() == b.keys() and len(a) == 5
     assert all(b[k] <= a[k] * 1.0001 for k in a)
@@ -327,7 +327,7 @@ LAYERS = ["/stem/stem.0/Conv", "/block/block.0/Conv", "/block/block.3/Conv", "/e
 def test_find_layers(unfolded):
     _, proto = unfolded
     layers = sens.find_layers(proto)
-    assert [l.name for l in layers] == LAYERS
+    assert [layer.name for layer in layers] == LAYERS
     for layer in layers:
         assert layer.weight is not None and layer.activation is not None, layer.name
         assert layer.weight.scale.shape == (layer.weight_shape[0],)  # per-channel weight scales
@@ -337,7 +337,7 @@ def test_find_layers(unfolded):
 
 def test_keep_float_rewires_only_that_layer(unfolded, trained, tmp_path):
     backend, proto = unfolded
-    layers = {l.name: l for l in sens.find_layers(proto)}
+    layers = {layer.name: layer for layer in sens.find_layers(proto)}
     edited = sens.keep_float(proto, [layers["/stem/stem.0/Conv"]])
     nodes = {n.name: n for n in edited.graph.node}
     inits = {i.name: numpy_helper.to_array(i) for i in edited.graph.initializer}
@@ -347,7 +347,7 @@ def test_keep_float_rewires_only_that_layer(unfolded, trained, tmp_path):
     fold_batchnorm(folded)
     np.testing.assert_allclose(inits[stem.input[1]], folded.stem[0].weight.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(inits[stem.input[2]], folded.stem[0].bias.detach().numpy(), rtol=1e-5, atol=1e-6)
-    assert [l.name for l in sens.find_layers(edited)] == LAYERS[1:]  # the others are untouched
+    assert [layer.name for layer in sens.find_layers(edited)] == LAYERS[1:]  # the others are untouched
     assert sens.find_layers(proto)[0].name == LAYERS[0]             # and the input graph too
     info = write_qdq(edited, tmp_path / "one_float.onnx")
     assert info["weight_dequantize_linear"] == info["int8_weight_initializers"] == 4
@@ -362,7 +362,7 @@ def test_nncf_bias_correction_is_undone_for_float_layers(trained):
         proto, _ = nncf_qdq(trained, calib, INPUT_SHAPE, subset_size=96)
     layers = sens.find_layers(proto)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    corrected = [l for l in layers if l.bias is not None]
+    corrected = [layer for layer in layers if layer.bias is not None]
     assert corrected  # fast bias correction moved at least one bias
     for layer in corrected:
         node = proto.graph.node[layer.bias.node]

@@ -28,7 +28,7 @@ def test_plot_and_markdown_render(tmp_path):
               "stages": {"teacher": {"type": "train", "from": [], "best_accuracy": 91.5,
                                      "onnx_parity": {"max_abs_diff": 1e-6, "top1_agreement": 1.0}, "wall_seconds": 2.0}}}
     md = render_markdown(report)
-    table = [l for l in md.splitlines() if l.startswith("| student") or l.startswith("| teacher")]
+    table = [ln for ln in md.splitlines() if ln.startswith("| student") or ln.startswith("| teacher")]
     assert table[0].startswith("| student | train | m | onnxruntime")  # sorted by latency
     assert "| student | tensorrt | fp32 | skipped | no GPU |" in md
     assert "pareto.png" in md
