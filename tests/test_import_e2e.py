@@ -131,3 +131,23 @@ def test_other_class_count_needs_reinit_classifier(trained):
                                          "reinit_classifier": True, "epochs": 1, "lr": 0.01}}, name="two")
     proc = compress_cli("validate", path)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"normalize": "dataset", "mean": [0.5], "std": [0.2]},
+     r"data\.mean/std has 1 values per channel, but the images have 3 channels"),
+    ({"resize": 32}, r"bad\w*\.yaml:\d+: data: resize 32 is below image_size 64"),
+    ({"augment": {"random_resized_crop": {"ratio": [2, 1]}}}, "min is above max"),
+])
+def test_bad_preprocessing_is_one_line_exit_2(trained, data, message):
+    tmp, images, _ = trained
+    path = pipeline(tmp, images, {"imported": {"type": "import", "model": "plain_train.py:TinyNet",
+                                               "weights": "tiny.pt"}}, name="badpre")
+    doc = yaml.safe_load(path.read_text())
+    doc["data"].update(data)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = compress_cli("run", path, "--out", tmp / "badpre-runs")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(message, errors[0]), errors
+    assert not (tmp / "badpre-runs" / "badpre" / "imported").exists()
