@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -132,7 +133,11 @@ def summary_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     key = (lambda r: r["latency_ms"].get(first, {}).get("p50", float("inf"))) if first else (lambda r: 0)
     body = []
     for r in sorted(ok, key=key):
-        cells = [r["name"], r["stage"], r["model"], r["runtime"], r["precision"], r.get("device") or "",
+        # which file ran (an INT8 artifact has one per runtime) and the precision the runtime really used
+        precision = r["precision"] + (f" ({r['inference_precision']})" if r.get("inference_precision") else "")
+        if r.get("file") and r["runtime"] != "torch":
+            precision += f", {os.path.basename(r['file'])}"
+        cells = [r["name"], r["stage"], r["model"], r["runtime"], precision, r.get("device") or "",
                  f"{r['accuracy']:.2f}", _fmt_count(r["params"]), _fmt_count(r["macs"]), _fmt_bytes(r["size_bytes"])]
         for b in batches:
             lat = r["latency_ms"].get(str(b))
