@@ -643,6 +643,14 @@ class TrackingConfig(Strict):
         return {"backend": value} if isinstance(value, str) else value
 
 
+class GraphError(ValueError):
+    """A stage-graph error from PipelineConfig's validator; `loc` places it in the YAML, `shown` names it."""
+
+    def __init__(self, loc: tuple, message: str, shown: str | None = None):
+        self.loc, self.message, self.shown = loc, message, shown or ".".join(map(str, loc))
+        super().__init__(f"{self.shown}: {message}")
+
+
 class PipelineConfig(Strict):
     name: str = Field(max_length=MAX_NAME, pattern=NAME_PATTERN)
     seed: int = 0
@@ -655,6 +663,15 @@ class PipelineConfig(Strict):
     report: ReportConfig = ReportConfig()
     tracking: TrackingConfig | None = Field(None, description="log params, metrics and the report to an "
                                                               "experiment tracker, e.g. `tracking: mlflow`")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        # reports/<name>/ is where a run's report goes; reports/reference/ holds the committed references
+        if name.lower() == "reference":
+            raise ValueError("'reference' is reserved (reports/reference/ holds the committed reference reports); "
+                             "choose another name")
+        return name
 
     @field_validator("stages")
     @classmethod
@@ -670,20 +687,20 @@ class PipelineConfig(Strict):
                                  f"not starting with '.', '_' or '-', at most {MAX_NAME} characters")
         return stages
 
+    @model_validator(mode="after")
+    def _graph(self):
+        _check_graph(self)  # unknown `from:`/`teacher:`, wrong kinds of input, cycles (GraphError)
+        return self
+
     def inputs(self, stage_name: str) -> list[str]:
         src = getattr(self.stages[stage_name], "from_", None)
         return [] if src is None else ([src] if isinstance(src, str) else list(src))
 
     def order(self) -> list[str]:
         """Stages in dependency order (YAML order where free)."""
-        done: list[str] = []
-        pending = list(self.stages)
-        while pending:
-            for name in pending:
-                if all(dep in done for dep in self.inputs(name) + self.extra_inputs(name)):
-                    done.append(name)
-                    pending.remove(name)
-                    break
+        done, left = _topological(self)
+        if left:  # only a config built without validation (model_construct) gets here
+            raise ValueError(f"the stages {', '.join(sorted(left))} depend on each other in a cycle")
         return done
 
     def extra_inputs(self, stage_name: str) -> list[str]:
@@ -861,6 +878,10 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
+        graph = (err.get("ctx") or {}).get("error")
+        if isinstance(graph, GraphError):
+            raise ConfigError(f"{_where(str(path), root, graph.loc, overridden)}: {graph.shown}: "
+                              f"{graph.message}") from None
         loc = _clean_loc(err["loc"])
         moved = re.match(r"Value error, ([A-Za-z_]+): ", err["msg"])  # a model validator naming its field
         if moved and isinstance(err.get("input"), dict) and moved.group(1) in err["input"]:
@@ -869,7 +890,6 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{_where(str(path), root, loc, overridden)}: {'.'.join(map(str, loc)) or '<top>'}: "
                           f"{_describe(err, loc)}{more}") from None
-    _check_graph(cfg, str(path), root, overridden)
     from compress.registry import ModelError, check_name
 
     for name, stage in cfg.stages.items():  # registry names and user files, as the stages will ask for them
@@ -921,7 +941,19 @@ def check_weights_files(cfg: PipelineConfig, pipeline_dir: Path) -> None:
             raise ConfigError(f"stages.{name}.weights: {file}: {problem}")
 
 
-def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> None:
+def _topological(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+    """The one topological sort: stages in dependency order, YAML order where free (the first free one each
+    time), and the stages left over (on a cycle, below one, or after an unknown name)."""
+    deps = {n: cfg.inputs(n) + cfg.extra_inputs(n) for n in cfg.stages}
+    done, pending = [], list(cfg.stages)
+    while (free := next((n for n in pending if all(d in done for d in deps[n])), None)) is not None:
+        done.append(free)
+        pending.remove(free)
+    return done, pending
+
+
+def _check_graph(cfg: PipelineConfig) -> None:
+    """The stage graph's checks (PipelineConfig's validator): raises GraphError."""
     names = list(cfg.stages)
     for name, stage in cfg.stages.items():
         for key, deps in (("from", cfg.inputs(name)), ("teacher", cfg.extra_inputs(name))):
@@ -929,32 +961,19 @@ def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> 
                 if dep not in cfg.stages:
                     close = difflib.get_close_matches(dep, names, n=1)
                     hint = f"; did you mean {close[0]!r}?" if close else f"; stages are: {', '.join(names)}"
-                    loc = ("stages", name, key)
-                    raise ConfigError(f"{_where(path, root, loc, overridden)}: stages.{name}.{key}: "
-                                      f"no stage named {dep!r}{hint}")
+                    raise GraphError(("stages", name, key), f"no stage named {dep!r}{hint}")
                 if dep == name:
-                    raise ConfigError(f"{_where(path, root, ('stages', name, key), overridden)}: "
-                                      f"stages.{name}.{key}: a stage cannot take its own output")
+                    raise GraphError(("stages", name, key), "a stage cannot take its own output")
                 if not STAGE_TYPES[cfg.stages[dep].type].torch_model:
                     source = cfg.inputs(dep)[0] if cfg.inputs(dep) else None
                     step = (f"; {stage.type} from {source!r}, the float model {dep!r} was made from"
                             if source and key == "from" else "; name a stage that holds a PyTorch model")
-                    raise ConfigError(f"{_where(path, root, ('stages', name, key), overridden)}: "
-                                      f"stages.{name}.{key}: {dep!r} is already an INT8 ONNX model, and a "
-                                      f"{stage.type} stage needs a PyTorch model as its {key}{step}")
+                    raise GraphError(("stages", name, key), f"{dep!r} is already an INT8 ONNX model, and a "
+                                     f"{stage.type} stage needs a PyTorch model as its {key}{step}")
         if STAGE_TYPES[stage.type].needs_from and not cfg.inputs(name):
-            raise ConfigError(f"{_where(path, root, ('stages', name), overridden)}: stages.{name}: "
-                              f"a {stage.type} stage needs 'from'")
-    # Cycle check (Kahn): anything left over sits on a cycle.
-    remaining = {n: set(cfg.inputs(n) + cfg.extra_inputs(n)) for n in names}
-    while True:
-        free = [n for n, deps in remaining.items() if not deps]
-        if not free:
-            break
-        for n in free:
-            del remaining[n]
-        for deps in remaining.values():
-            deps.difference_update(free)
+            raise GraphError(("stages", name), f"a {stage.type} stage needs 'from'")
+    # Anything the topological sort leaves over sits on a cycle or below one.
+    remaining = {n: set(cfg.inputs(n) + cfg.extra_inputs(n)) for n in _topological(cfg)[1]}
     # Drop stages that merely hang below a cycle (nothing left depends on them).
     while True:
         needed = set().union(*remaining.values()) if remaining else set()
@@ -965,5 +984,5 @@ def _check_graph(cfg: PipelineConfig, path: str, root, overridden: set[str]) -> 
             del remaining[n]
     if remaining:
         cycle = sorted(remaining)
-        raise ConfigError(f"{_where(path, root, ('stages', cycle[0]), overridden)}: stages: "
-                          f"the stages {', '.join(cycle)} depend on each other in a cycle")
+        raise GraphError(("stages", cycle[0]), f"the stages {', '.join(cycle)} depend on each other in a cycle",
+                         shown="stages")

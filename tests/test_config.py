@@ -132,3 +132,10 @@ def test_random_documents_never_raise_anything_but_config_error(tmp_path, doc):
         load(path)
     except ConfigError as exc:
         assert "\n" not in str(exc)
+
+
+def test_the_name_reference_is_reserved_for_the_committed_reports(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("name: Reference\nstages:\n  t: {type: train, model: resnet8, epochs: 1}\n")
+    with pytest.raises(ConfigError, match="reserved"):
+        load(f)
