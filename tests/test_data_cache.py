@@ -94,11 +94,16 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
         assert again.fingerprint == good.fingerprint and caches(store) == [built]
 
 
-def test_streamed_batches_equal_in_memory_batches(tmp_path):
+PRETRAINED = dict(resize=12, image_size=10, augment={"random_resized_crop": True, "hflip": True, "noise": 0.5,
+                                                      "brightness": 0.2})
+
+
+@pytest.mark.parametrize("settings", [{}, PRETRAINED], ids=["crop-rotate-erase", "resize-rrc-jitter"])
+def test_streamed_batches_equal_in_memory_batches(tmp_path, settings):
     root, store = make_folder(tmp_path / "imgs", per_class=10, test=True), tmp_path / "cache"
-    memory = build_data(cfg(root, cache=False), CPU, 3)
-    loaded = build_data(cfg(root, store, placement="device"), CPU, 3)
-    streamed = build_data(cfg(root, store, placement="host", workers=2), CPU, 3)
+    memory = build_data(cfg(root, cache=False, **settings), CPU, 3)
+    loaded = build_data(cfg(root, store, placement="device", **settings), CPU, 3)
+    streamed = build_data(cfg(root, store, placement="host", workers=2, **settings), CPU, 3)
     assert streamed.streamed and isinstance(streamed._x["train"], DiskRows) and not loaded.streamed
     assert memory.mean == streamed.mean == loaded.mean and memory.std == streamed.std
     for epoch in (0, 1):

@@ -324,6 +324,13 @@ class DataModule:
         full = [len(pos) for pos in positions]
         if shard is not None:
             positions = [pos.tensor_split(shard[1])[shard[0]] for pos in positions]
+
+        def batch_noise(step: int, salt: int, like: Tensor) -> Tensor:
+            """The step's noise, drawn for the whole batch; under `shard`, this process's rows of it."""
+            gen = seeded_generator(self.seed, epoch, step, salt, device=self.device)
+            noise = torch.randn((full[step], *like.shape[1:]), generator=gen, device=self.device)
+            return noise if shard is None else noise.tensor_split(shard[1])[shard[0]]
+
         gathered = self._host_batches(x, [order[pos] for pos in positions]) if self.placement == "host" else None
         for step, pos in enumerate(positions):
             idx = order[pos]
@@ -340,16 +347,12 @@ class DataModule:
                 elif name == "blur" and sigma is not None:
                     xb = gaussian_blur(xb, sigma[pos])
                 elif name == "noise" and noise_std is not None:
-                    gen = seeded_generator(self.seed, epoch, step, NOISE_SALT, device=self.device)
-                    xb = add_noise(xb, noise_std[pos], torch.randn(xb.shape, generator=gen, device=self.device))
+                    xb = add_noise(xb, noise_std[pos], batch_noise(step, NOISE_SALT, xb))
             xb = self.normalize(xb)
             if erasing:
                 value = 0.0
                 if aug.erasing_value == "random":
-                    noise = seeded_generator(self.seed, epoch, step, ERASE_SALT, device=self.device)
-                    value = torch.randn((full[step], *xb.shape[1:]), generator=noise, device=self.device)
-                    if shard is not None:  # drawn for the whole batch: each process takes its rows
-                        value = value.tensor_split(shard[1])[shard[0]]
+                    value = batch_noise(step, ERASE_SALT, xb)
                 xb = erase(xb, boxes[:, pos], erase_on[pos], value)
             yield xb, y[idx]
 
