@@ -101,8 +101,8 @@ class FastPath:
         return torch.autocast(self.device, dtype=torch.bfloat16 if self.autocast == "bf16" else torch.float16)
 
     def scaler(self):
-        """A gradient scaler where fp16 needs one (CUDA without bf16), else None."""
-        return torch.amp.GradScaler("cuda") if self.autocast == "fp16" else None
+        """A gradient scaler, working where fp16 needs one (CUDA without bf16), else a no-op (`enabled=False`)."""
+        return torch.amp.GradScaler("cuda", enabled=self.autocast == "fp16")
 
     def model(self, module: nn.Module) -> nn.Module:
         return module.to(memory_format=torch.channels_last) if self.channels_last else module

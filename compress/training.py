@@ -2,7 +2,8 @@
 
 nanoGPT-style: one readable loop. Batches arrive augmented and normalized on the device
 (compress.data); the loop adds mixup/CutMix, the optimizer, the schedule, mixed precision
-and channels-last on CUDA, distillation from frozen teachers (under inference mode), an
+and channels-last (on CUDA; on a CPU where a probe finds them faster: compress.fastpath),
+distillation from frozen teachers (under inference mode), an
 optional EMA of the weights and torch.compile, DDP under torchrun (compress.distributed),
 and keeps the weights (EMA ones, if on) of the epoch with the best validation accuracy.
 A step never waits for the host: running sums stay on the device, a NaN or inf loss is
@@ -32,7 +33,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from compress import distributed
+from compress import distributed, fastpath
 from compress.config import OptimConfig
 from compress.context import StageError
 from compress.data.augment import Mixer
@@ -95,16 +96,6 @@ def make_scheduler(optimizer, opts: OptimConfig, total_steps: int, steps_per_epo
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    """(autocast, GradScaler): bf16 autocast where the GPU supports it, else fp16 with a working scaler;
-    nothing on CPU. The scaler is always there, a no-op (`enabled=False`) unless fp16 needs it."""
-    if device.type != "cuda" or not enabled:
-        return nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False)
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
 @torch.no_grad()
@@ -239,19 +230,22 @@ class _Trainer:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.patience, self.max_rollbacks = nonfinite_patience, max_rollbacks
         model.to(device)
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        for t in self.teachers:
-            t.to(device).eval().requires_grad_(False)
         self.batch_size = opts.batch_size or data.batch_size
         self.steps_per_epoch = data.steps_per_epoch(self.batch_size)
+        # Memory format and autocast (compress.fastpath: measured per model on a CPU; channels-last and bf16,
+        # or fp16 with a working GradScaler, on CUDA). Under DDP rank 0 decides for all.
+        self.fast = distributed.broadcast(self.choose_fast_path() if distributed.rank() == 0 else None)
+        log(f"{desc}: {self.fast.mode} ({self.fast.reason})")
+        self.fast.model(model)
+        for t in self.teachers:  # the teachers' forward runs under the same autocast, in the same layout
+            self.fast.model(t.to(device).eval().requires_grad_(False))
         # A distillation loss may learn too (e.g. adapters between feature maps): train it with the student.
         self.loss_params = list(kd_loss.parameters()) if isinstance(kd_loss, nn.Module) else []
         if self.loss_params:
             kd_loss.to(device).train()
         self.optimizer = make_optimizer(model, opts, self.loss_params)
         self.scheduler = make_scheduler(self.optimizer, opts, epochs * self.steps_per_epoch, self.steps_per_epoch)
-        self.autocast, self.scaler = autocast_for(device, opts.amp)
+        self.autocast, self.scaler = self.fast.context(), self.fast.scaler()
         self.split = "val" if data.num_val > 0 else "train"
         self.ema = EMA(model, opts.ema_decay) if opts.ema_decay else None
         self.scored = self.ema.module if self.ema is not None else model  # evaluated, kept as best, returned
@@ -281,9 +275,7 @@ class _Trainer:
                 x, y = self.mix(x, y, epoch, step)
             if self.ddp and shard is None:  # this process's slice; the slices of all processes make up the batch
                 x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield step, x, y
+            yield step, self.fast.input(x), y
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, student logits) of one batch, under autocast."""
@@ -341,7 +333,8 @@ class _Trainer:
         """Evaluate, record and log the epoch, keep the best weights, checkpoint."""
         p, split = self.prog, self.split
         epoch_time = time.perf_counter() - t0
-        acc = evaluate(self.scored, self.data.eval_batches(split))
+        with self.fast.context():
+            acc = evaluate(self.scored, ((self.fast.input(x), y) for x, y in self.data.eval_batches(split)))
         sums = torch.stack([p.loss_sum.double(), p.correct.double(), p.counted.double(),
                             torch.tensor(float(p.seen), dtype=torch.float64, device=self.device)])
         loss_sum, correct, counted, seen = distributed.all_reduce_(sums).tolist()  # over processes
@@ -376,11 +369,12 @@ class _Trainer:
         p = self.prog
         if p.best_state is not None:
             self.model.load_state_dict(p.best_state)
-        self.model.to(memory_format=torch.contiguous_format)
+        for m in (self.model, *self.teachers):  # hand back plain NCHW modules, whatever the fast path did
+            m.to(memory_format=torch.contiguous_format)
         return {"best_accuracy": p.best_accuracy, "best_split": self.split, "best_epoch": p.best_epoch,
                 "epochs": self.epochs, "train_seconds": round(p.train_seconds, 2),
                 "train_images_per_s": round(p.images_seen / max(p.train_seconds, 1e-9), 1),
-                "rollbacks": p.rollbacks, "history": p.history}
+                "rollbacks": p.rollbacks, "fast_path": self.fast.record(), "history": p.history}
 
     # --------------------------------------------------------------------- checkpoints, rollback, stop
 
@@ -394,7 +388,8 @@ class _Trainer:
                  "kd_loss": self.kd_loss.state_dict() if isinstance(self.kd_loss, nn.Module) else None,
                  "ema": self.ema.state_dict() if self.ema is not None else None,
                  "rng": rng_state(),
-                 "progress": asdict(self.prog)}
+                 "progress": asdict(self.prog),
+                 "fast_path": self.fast.record()}
         buf = io.BytesIO()
         torch.save(state, buf)
         return buf.getvalue()
@@ -422,6 +417,23 @@ class _Trainer:
         for name, dtype in _DEVICE_FIELDS.items():
             setattr(progress, name, torch.as_tensor(getattr(progress, name), dtype=dtype).to(self.device))
         self.prog = progress
+
+    def choose_fast_path(self) -> fastpath.FastPath:
+        """The config's `cpu_fast_path`; under `auto`, a fit resuming a checkpoint keeps the choice it started
+        with (a probe now, e.g. after the cache was deleted, could pick another, and resume would not be exact)."""
+        opts, model = self.opts, self.model
+        if opts.cpu_fast_path == "auto" and self.device.type == "cpu" and self.checkpoint is not None \
+                and self.checkpoint.is_file():
+            try:
+                state = safe_load(self.checkpoint, "training checkpoint")
+                own, saved = model.state_dict(), state["model"]
+                if set(saved) == set(own) and all(saved[k].shape == own[k].shape for k in own):
+                    return fastpath.FastPath(**{k: v for k, v in state["fast_path"].items() if k != "mode"})
+            except (CheckpointError, AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+                pass  # no record, or a file `resume` will ignore (and say so): choose anew
+        return fastpath.choose(opts.cpu_fast_path, model, (self.data.in_channels, *self.data.image_size),
+                               self.batch_size // distributed.world(), device=self.device, amp=opts.amp,
+                               steps=self.epochs * self.steps_per_epoch, log=lambda m: self.log(f"{self.desc}: {m}"))
 
     def resume(self) -> None:
         """Continue from the checkpoint file, if there is one this fit can use."""

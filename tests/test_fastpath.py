@@ -306,3 +306,30 @@ def test_a_probe_that_fails_means_fp32_and_nothing_cached(cache):
     path = choose(measure=broken, log=lines.append)
     assert path.mode == "fp32" and "probe failed" in path.reason and "cannot copy" in lines[0]
     assert not cache.exists()
+
+
+def test_auto_resumes_in_the_mode_it_started_with(data, tmp_path, monkeypatch, cache):
+    from compress.training import Interrupted, fit
+    from tests.test_resume import Net, same_weights, sigterm_at, without_timing
+
+    monkeypatch.setattr(fastpath, "MIN_PROBE_STEPS", 1)
+
+    def run(checkpoint=None, model=None):
+        model = model or Net()
+        metrics = fit(model, data, OptimConfig(lr=0.05), 2, device=torch.device("cpu"), progress=False,
+                      log=lambda m: None, checkpoint=checkpoint)
+        return model, metrics
+
+    monkeypatch.setattr(fastpath, "probe", StandIn(fp32=100, channels_last=300))
+    reference, ref_metrics = run()
+    ckpt, model = tmp_path / "checkpoint.pt", Net()
+    handle = sigterm_at(model, 13)
+    with pytest.raises(Interrupted):
+        run(ckpt, model)
+    handle.remove()
+    cache.unlink()                                   # the probe is gone, and would now say fp32
+    monkeypatch.setattr(fastpath, "probe", StandIn(fp32=300, channels_last=100))
+    resumed, metrics = run(ckpt)
+    assert metrics["fast_path"]["mode"] == "channels_last"
+    assert same_weights(resumed, reference)
+    assert {**without_timing(metrics), "fast_path": None} == {**without_timing(ref_metrics), "fast_path": None}
