@@ -139,3 +139,20 @@ def test_the_name_reference_is_reserved_for_the_committed_reports(tmp_path):
     f.write_text("name: Reference\nstages:\n  t: {type: train, model: resnet8, epochs: 1}\n")
     with pytest.raises(ConfigError, match="reserved"):
         load(f)
+
+
+def test_a_config_built_in_python_gets_the_graph_checks():
+    """PipelineConfig's own validator checks the stage graph, not only `load`: no cycle reaches order()."""
+    import pydantic
+
+    from compress.config import PipelineConfig
+
+    def stages(**kw):
+        return {"name": "x", "stages": {n: {"type": "distill", "from": src, "model": "resnet8"} for n, src in kw.items()}
+                | {"t": {"type": "train", "model": "resnet8"}}}
+
+    for bad, text in ((stages(a="b", b="a"), "the stages a, b depend on each other in a cycle"),
+                      (stages(a="tt"), "stages.a.from: no stage named 'tt'; did you mean 't'?")):
+        with pytest.raises(pydantic.ValidationError, match=text):
+            PipelineConfig.model_validate(bad)
+    assert PipelineConfig.model_validate(stages(b="a", a="t")).order() == ["t", "a", "b"]
