@@ -229,7 +229,8 @@ def write_results(results: dict, out: Path) -> None:
         "# Data larger than memory: in-memory vs the on-disk image cache",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch {m['torch']}; "
-        f"measured {results['finished']}.",
+        f"measured {results['finished']} (load average at the start {results['load_average_at_start']}, "
+        f"at the end {m['load_average_1min']}).",
         f"Images: generated {s['image_size']} px JPEGs, {CLASSES} classes; training: {s['steps']} SGD steps of "
         f"{s['model']} (batch {s['batch']}, crop + flip on the device) after {s['warmup']} warm-up steps; "
         f"cache path with {s['workers']} DataLoader workers. Peak memory: PSS summed over the process and its "
@@ -268,7 +269,8 @@ def machine() -> dict:
     with open("/proc/meminfo") as f:
         total = int(f.readline().split()[1]) * 1024
     return {"cpu": info["cpu"], "cores": info["cores"], "memory_gb": round(total / 2**30, 1),
-            "available_gb": round(available_memory() / 2**30, 1), "torch": torch.__version__}
+            "available_gb": round(available_memory() / 2**30, 1), "torch": torch.__version__,
+            "load_average_1min": round(os.getloadavg()[0], 2)}   # a busy machine makes every number here noisy
 
 
 def main() -> None:
@@ -301,7 +303,7 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
     processes = os.cpu_count() or 1
     args.dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, load_at_start = time.perf_counter(), round(os.getloadavg()[0], 2)
     full = make_folder(args.dir / f"images-{sizes[-1]}-{args.image_size}px", sizes[-1], args.image_size, processes)
     print(f"folder: {sizes[-1]} JPEGs at {args.image_size} px in {full} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = []
@@ -332,6 +334,7 @@ def main() -> None:
                     "peak_target_met": growth("cache") < 10, "speed_ratio": round(ratio, 3),
                     "speed_target_met": ratio >= 0.9},
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "load_average_at_start": load_at_start,
         "command": "python benchmarks/data_scale.py " + " ".join(sys.argv[1:]),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
