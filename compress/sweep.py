@@ -285,7 +285,9 @@ def run_trial_subprocess(pipeline: Path, sets: list[str], run_root: Path, report
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
         raise RuntimeError(f"compress run exited {rc}: {tail[0][:300]}")
     report = json.loads(reports[0].read_text())
-    return [_compact(r) for r in report.get("artifacts", [])]
+    stages = {n: st.get("wall_seconds") for n, st in (report.get("stages") or {}).items() if isinstance(st, dict)}
+    # each artifact row carries its stage's wall time: the cost side of a recipe (0 when reused from cache)
+    return [{**_compact(r), "stage_seconds": stages.get(r.get("name"))} for r in report.get("artifacts", [])]
 
 
 class Sweep:
@@ -504,16 +506,20 @@ def render_markdown(result: dict, batch: int) -> str:
         lines.append(f"| {p['trial']} | {p['artifact']} | {p['runtime']} | {p['precision']} | {p['accuracy']:.2f} | "
                      f"{p[f'latency_p50@{batch}']:.3f} |")
     lines += ["", "## Trials", "", "| trial | " + " | ".join(k.split('.', 1)[-1] for k in keys)
-              + " | status | wall s | artifact | runtime | precision | top-1 % | p50 ms |",
-              "|---:|" + "---|" * len(keys) + "---|---:|---|---|---|---:|---:|"]
+              + " | status | trial s | artifact | stage s | runtime | precision | top-1 % | p50 ms |",
+              "|---:|" + "---|" * len(keys) + "---|---:|---|---:|---|---|---:|---:|"]
     touched = {k.split(".")[1] for k in keys if k.startswith("stages.") and k.count(".") >= 1}
+    if any(not k.startswith("stages.") for k in keys):   # data, export...: every artifact may have changed
+        touched = {r["name"] for t in result["trials"] for r in t["rows"]}
     for t in result["trials"]:
         settings = " | ".join(json.dumps(t["params"].get(k)) for k in keys)
         rows = [r for r in t["rows"] if r["name"] in touched and column_value(r, "accuracy") is not None
                 and column_value(r, f"latency_p50@{batch}") is not None] or [None]
         for r in rows:
-            tail = ("| | | | |" if r is None else
-                    f"| {r['name']} | {r['runtime']} | {r['precision']} | {r['accuracy']:.2f} | "
+            stage_s = r.get("stage_seconds") if r is not None else None
+            tail = ("| | | | | |" if r is None else
+                    f"| {r['name']} | {'-' if stage_s is None else f'{stage_s:.0f}'} | {r['runtime']} | "
+                    f"{r['precision']} | {r['accuracy']:.2f} | "
                     f"{column_value(r, f'latency_p50@{batch}'):.3f} |")
             lines.append(f"| {t['index']} | {settings} | {t['status']} | {t['wall_s']:.0f} {tail}")
     return "\n".join(lines) + "\n"
