@@ -178,7 +178,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
     main = distributed.is_main()
     if cfg.benchmark.threads:
         torch.set_num_threads(cfg.benchmark.threads)
-    data = build_data(cfg.data, device, cfg.seed, log=log, cache_root=run_dir.parent / ".cache")
+    data = build_data(cfg.data, device, cfg.seed, log=log, cache_root=run_dir.parent / ".cache", progress=progress)
     log(f"data: {data.name} from {data.source}: {data.num_train} train / {data.num_val} val / "
         f"{data.num_test} test images, {data.in_channels}x{data.image_size[0]}x{data.image_size[1]}, "
         f"{data.num_classes} classes; device {device}")

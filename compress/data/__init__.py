@@ -34,18 +34,19 @@ LOADERS: dict[str, Callable[[DataConfig, Callable[[str], None]], RawData]] = {
 
 
 def build_data(cfg: DataConfig, device: torch.device | str, seed: int, log: Callable[[str], None] | None = None,
-               cache_root: Path | None = None) -> DataModule:
+               cache_root: Path | None = None, progress: bool | None = None) -> DataModule:
     """Load the dataset `cfg` names onto `device`; `seed` drives the per-epoch shuffles and augmentation.
 
     An image folder goes through its on-disk cache (compress.data.cache) in data.cache_dir, else
     in `cache_root` (the run root's .cache); with neither, or data.cache false, it is decoded into memory.
+    `progress`: the cache build's progress bar (None: when stderr is a terminal).
     """
     log = log or (lambda message: None)
     where = cfg.cache_dir or cache_root
     if cfg.dataset == "imagefolder" and cfg.cache and where is not None:
         from compress.data import cache
 
-        raw = cache.load(cfg, Path(where), log)
+        raw = cache.load(cfg, Path(where), log, progress=progress)
     else:
         raw = LOADERS[cfg.dataset](cfg, log)
     return DataModule(raw, cfg, device, seed)
