@@ -31,9 +31,9 @@ RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
 # first when the quantize stage wrote one; the TensorRT QDQ file (`onnx_int8`) otherwise.
 ONNX_FILES = {"fp32": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}
 CPU_INT8_FILES = {"onnxruntime": ("onnx_int8_cpu", "onnx_int8"),
-                  # OpenVINO 2026.4 misreads the TensorRT QDQ file (signed activations, float biases): a tiny
-                  # trained net fell from 100% to 66% top-1 where ONNX Runtime kept 100%; the uint8 form
-                  # reads right (tests/test_cpu_runtimes.py), so it comes first.
+                  # OpenVINO 2026.4 misreads the TensorRT QDQ file's quantized Gemm (signed activations, float
+                  # bias): a tiny trained net fell from 100% to 66% top-1 (100% with that Gemm float) where
+                  # ONNX Runtime kept 100%; the uint8 form reads right (tests/test_cpu_runtimes.py).
                   "openvino": ("openvino_int8", "onnx_int8_cpu", "onnx_int8")}
 
 
