@@ -41,7 +41,7 @@ from compress import rundir
 from compress.io import sha256_file
 from compress.onnx_export import INPUT_NAME, OUTPUT_NAME  # the exported graph's tensor names
 
-TARGETS = ("triton", "jetson", "onnx")
+TARGETS = ("triton", "jetson", "onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 FORMAT = "compress.deploy/1"
 
@@ -412,7 +412,7 @@ def _place_model(model: Path, repo: Path, name: str, force: bool) -> None:
 INFER_PY = '''#!/usr/bin/env python3
 """Classify images with the model in this bundle: python infer.py IMAGE [IMAGE ...] [--runtime R] [--json]
 
-Needs numpy, Pillow and onnxruntime (or tensorrt + torch with CUDA for model.plan). The
+Needs numpy, Pillow and onnxruntime (or openvino for model.xml, or tensorrt + torch with CUDA for model.plan). The
 preprocessing is read from manifest.json: the exact steps the model was trained with.
 """
 import argparse
@@ -467,6 +467,14 @@ def run_onnxruntime(x):
     return session.run(None, {session.get_inputs()[0].name: x})[0], f"onnxruntime ({model.name})"
 
 
+def run_openvino(x):
+    import openvino as ov
+
+    model = find("model.xml")  # FP32 means FP32: no bf16 on CPUs that have it (INT8 layers stay int8)
+    compiled = ov.Core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled(x)[0], f"openvino {ov.__version__} ({model.name})"
+
+
 def run_tensorrt(x):
     import tensorrt as trt
     import torch
@@ -496,14 +504,15 @@ def run_tensorrt(x):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("images", nargs="+", type=Path)
-    ap.add_argument("--runtime", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
-                    help="auto: TensorRT when model.plan exists and tensorrt imports, else ONNX Runtime")
+    ap.add_argument("--runtime", choices=("auto", "tensorrt", "openvino", "onnxruntime"), default="auto",
+                    help="auto: TensorRT when model.plan exists and tensorrt imports, OpenVINO for model.xml, "
+                         "else ONNX Runtime")
     ap.add_argument("--json", action="store_true", help="one JSON object per image")
     args = ap.parse_args()
     x = np.concatenate([preprocess(p) for p in args.images])
     runtime = args.runtime
     if runtime == "auto":
-        runtime = "onnxruntime"
+        runtime = "openvino" if find("model.xml") else "onnxruntime"
         if find("model.plan"):
             try:
                 import tensorrt  # noqa: F401
@@ -513,7 +522,8 @@ def main():
             except ImportError:
                 pass
     try:
-        logits, used = run_tensorrt(x) if runtime == "tensorrt" else run_onnxruntime(x)
+        run = {"tensorrt": run_tensorrt, "openvino": run_openvino}.get(runtime, run_onnxruntime)
+        logits, used = run(x)
     except Exception as exc:
         if args.runtime != "auto" or runtime == "onnxruntime":
             raise
@@ -548,7 +558,8 @@ def _readme(target: str, name: str, m: dict, engine_note: str, precision: str) -
              f"Output '{OUTPUT_NAME}': float32 [N, {len(m['labels'])}] logits over labels.txt (softmax for "
              f"probabilities).", "",
              f"TensorRT engine: {engine_note}.", "",
-             "Try it:  python3 infer.py IMAGE.png      (numpy, Pillow, onnxruntime)"]
+             "Try it:  python3 infer.py IMAGE.png      (numpy, Pillow, "
+             + ("openvino: model.xml/.bin, the OpenVINO IR of model.onnx)" if target == "openvino" else "onnxruntime)")]
     if target == "triton":
         lines += ["", "Serve:   tritonserver --model-repository=<the directory holding this one>",
                   f"         the model is '{name}'; infer.py here runs the same model locally."]
@@ -578,6 +589,26 @@ def _place(tmp: Path, out: Path, force: bool) -> None:
             return
         out.rmdir()
     os.replace(tmp, out)
+
+
+def _openvino_ir(onnx_path: Path, xml: Path) -> list[Path]:
+    """The ONNX as OpenVINO IR (model.xml + model.bin), weights kept in their precision (no FP16 compression)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise DeployError("--target openvino needs the 'openvino' package, which is not installed; install it "
+                          "with pip install 'compress-vision[openvino]' (in this checkout: pip install -e '.[openvino]')"
+                          ) from None
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    return [xml, xml.with_suffix(".bin")]
+
+
+def _measured_with(target: str, report: dict | None, engine: bool) -> dict:
+    """The runtime the bundle runs on and the version of it the report's numbers were measured with."""
+    runtime = {"openvino": "openvino", "onnx": "onnxruntime"}.get(target, "tensorrt" if engine else "onnxruntime")
+    versions = ((report or {}).get("machine") or {}).get("versions") or {}
+    return {"runtime": runtime, "version": versions.get(runtime), "cpu": ((report or {}).get("machine") or {}).get("cpu"),
+            "note": None if versions.get(runtime) else "no report measured this runtime"}
 
 
 def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: str | None = None,
@@ -630,6 +661,8 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         raise DeployError("the onnx bundle ships the FP32 or INT8 ONNX; FP16 is built by TensorRT "
                           "(--target jetson, or triton with an FP16 engine)")
     onnx_key = "onnx_int8" if native == "int8" else "onnx"
+    if native == "int8" and target in ("onnx", "openvino") and "onnx_int8_cpu" in art.files:
+        onnx_key = "onnx_int8_cpu"  # the CPU form (compress.quant.cpu_int8): what CPU runtimes fuse and read right
     if onnx_key not in art.files:
         raise DeployError(f"{artifact} has no {onnx_key} file (it has {', '.join(sorted(art.files))})")
     onnx_path = _resolve(run_dir, artifact, onnx_key, art.files[onnx_key], manifest)
@@ -681,7 +714,12 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
                 dst.chmod(0o755)
             shipped[str(dst.relative_to(home))] = sha256_file(dst)
 
-        ship(onnx_path, model_dir / "model.onnx")
+        if target == "openvino":
+            ship(onnx_path, model_dir / "model.onnx")  # kept: the IR's source, and ONNX Runtime's fallback
+            for ir in _openvino_ir(onnx_path, model_dir / "model.xml"):
+                shipped[str(ir.relative_to(home))] = sha256_file(inside(ir))
+        else:
+            ship(onnx_path, model_dir / "model.onnx")
         if plan is not None:
             ship(plan, model_dir / "model.plan")
         if target == "jetson" and deployed == "fp16":
@@ -752,6 +790,7 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
                 "preprocess_from": pre_source,
             },
             "versions": {**manifest.versions, "compress_deploy": compress.__version__},
+            "measured_with": _measured_with(target, report, plan is not None),
             "files": shipped,
         }
         write(home / "README.txt", _readme(target, artifact, bundle, engine_note, deployed))
