@@ -18,9 +18,8 @@ from typer.testing import CliRunner
 from compress.cli import app
 from compress.data.idx import write_idx
 from compress.data.fashion_mnist import FILES
+from tests.conftest import TINY_DATA
 
-TINY_DATA = ("data: {dataset: synthetic, synthetic: {num_train: 64, num_test: 16, image_size: 8}, "
-             "val_size: 16, batch_size: 16}\n")
 GOOD_STAGE = "  t: {type: train, model: resnet8, epochs: 1}\n"
 
 

@@ -5,31 +5,13 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compress.onnx_export import check_parity, export_onnx, onnx_session
+from tests.conftest import TinyNet
 
 INPUT_SHAPE = (3, 24, 24)
 NUM_CLASSES = 5
-
-
-class TinyNet(nn.Module):
-    """conv-BN-ReLU stem, a depthwise-separable residual block, global pool, linear head."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.block = nn.Sequential(
-            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16),
-        )
-        self.head = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = F.relu(x + self.block(x))
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 class Broken(TinyNet):
@@ -39,7 +21,7 @@ class Broken(TinyNet):
 
 def make_model() -> TinyNet:
     torch.manual_seed(0)
-    model = TinyNet()
+    model = TinyNet(NUM_CLASSES, expand=None)
     # Non-trivial BatchNorm statistics, so BN folding is actually exercised by the parity check.
     with torch.no_grad():
         for m in model.modules():

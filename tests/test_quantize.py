@@ -23,29 +23,10 @@ from compress.quant import sensitivity as sens
 from compress.onnx_export import check_parity, export_bytes, export_onnx, onnx_session
 from compress.quant import (fold_batchnorm, nncf_qdq, ort_qdq, qdq_zero_points,
                             quantize_ort, quantize_ptq, write_qdq)
+from tests.conftest import TinyNet
 
 INPUT_SHAPE = (3, 24, 24)
 NUM_CLASSES = 4
-
-
-class TinyNet(nn.Module):
-    """conv-BN-ReLU stem, a depthwise-separable residual block, global pool, linear head."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.block = nn.Sequential(
-            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16),
-        )
-        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.head = nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = F.relu(x + self.block(x))
-        x = self.expand(x)
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,13 +15,12 @@ from typer.testing import CliRunner
 from compress import install_hint, tracking
 from compress.cli import app
 from compress.config import ConfigError, TrackingConfig
+from tests.conftest import TINY_DATA
 
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-PIPELINE = """name: tiny
-device: cpu
-data: {dataset: synthetic, synthetic: {num_train: 64, num_test: 16, image_size: 8}, val_size: 16, batch_size: 16}
+PIPELINE = "name: tiny\ndevice: cpu\n" + TINY_DATA + """\
 stages:
   teacher: {type: train, model: resnet8, epochs: 1}
 export: {parity_images: 8}
