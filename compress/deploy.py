@@ -248,24 +248,10 @@ def _preprocess(report: dict | None, manifest: rundir.StageManifest) -> tuple[di
 # ----------------------------------------------------------------------------- engines
 
 def engine_status(plan: Path) -> tuple[bool, str]:
-    """Can this machine run this engine? (ok, reason) from its sidecar manifest, without loading it."""
-    from compress.trt import _import_tensorrt, _this_machine, manifest_path, tensorrt_status
+    """Can this machine run this engine? (ok, reason): compress.trt.check_engine (tests replace this name)."""
+    from compress.trt import check_engine
 
-    sidecar = manifest_path(plan)
-    if not sidecar.is_file():
-        return False, f"{plan.name} has no sidecar manifest {sidecar.name}"
-    info = _read_json(sidecar)
-    ok, reason = tensorrt_status()
-    if not ok:
-        return False, f"{plan.name} was built for {info.get('gpu')} (TensorRT {info.get('tensorrt')}); " \
-                      f"it cannot be checked here: {reason}"
-    here = _this_machine(_import_tensorrt())
-    for key in ("gpu", "compute_capability", "tensorrt"):
-        if info.get(key) != here[key]:
-            return False, f"{plan.name} was built for {key} {info.get(key)!r}, this machine has {here[key]!r}"
-    if info.get("engine_sha256") not in (None, sha256_file(plan)):
-        return False, f"{plan} does not match its manifest (partial write?)"
-    return True, f"built for {here['gpu']}, TensorRT {here['tensorrt']}"
+    return check_engine(plan)
 
 
 def _engine(run_dir: Path, artifact: str, manifest: rundir.StageManifest, precisions: list[str],
@@ -409,143 +395,10 @@ def _place_model(model: Path, repo: Path, name: str, force: bool) -> None:
     os.replace(model, dest)
 
 
-INFER_PY = '''#!/usr/bin/env python3
-"""Classify images with the model in this bundle: python infer.py IMAGE [IMAGE ...] [--runtime R] [--json]
-
-Needs numpy, Pillow and onnxruntime (or openvino for model.xml, or tensorrt + torch with CUDA for model.plan). The
-preprocessing is read from manifest.json: the exact steps the model was trained with.
-"""
-import argparse
-import json
-import sys
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-HERE = Path(__file__).resolve().parent
-MANIFEST = json.loads((HERE / "manifest.json").read_text())
-MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
-
-def find(name):
-    for path in (HERE / name, HERE / "1" / name):  # flat bundle, or a Triton model directory
-        if path.is_file():
-            return path
-    return None
-
-
-def preprocess(path):
-    pre = MANIFEST["preprocess"]
-    c, (h, w) = pre["channels"], pre["size"]
-    if c not in MODES:
-        sys.exit(f"error: no Pillow mode for {c}-channel images")
-    img = Image.open(path).convert(MODES[c])
-    bilinear = getattr(Image, "Resampling", Image).BILINEAR
-    if pre.get("resize"):  # torchvision's Resize(resize) + CenterCrop(size), as the model was trained and scored
-        r = pre["resize"]
-        iw, ih = img.size
-        size = (r, int(r * ih / iw)) if iw <= ih else (int(r * iw / ih), r)
-        img = img.resize(size, bilinear) if img.size != size else img
-        left, top = int(round((size[0] - w) / 2.0)), int(round((size[1] - h) / 2.0))
-        img = img.crop((left, top, left + w, top + h))
-    elif img.size != (w, h):
-        img = img.resize((w, h), bilinear)
-    x = np.asarray(img, dtype=np.float32).reshape(h, w, c).transpose(2, 0, 1)   # HWC -> CHW
-    mean = np.asarray(pre["mean"], dtype=np.float32).reshape(c, 1, 1)
-    std = np.asarray(pre["std"], dtype=np.float32).reshape(c, 1, 1)
-    return ((x * np.float32(pre["scale"]) - mean) / std)[None].astype(np.float32)  # a batch of one, NCHW
-
-
-def run_onnxruntime(x):
-    import onnxruntime as ort
-
-    model = find("model.onnx")
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    providers = [p for p in wanted if p in ort.get_available_providers()]
-    session = ort.InferenceSession(str(model), providers=providers)
-    return session.run(None, {session.get_inputs()[0].name: x})[0], f"onnxruntime ({model.name})"
-
-
-def run_openvino(x):
-    import openvino as ov
-
-    model = find("model.xml")  # FP32 means FP32: no bf16 on CPUs that have it (INT8 layers stay int8)
-    compiled = ov.Core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return compiled(x)[0], f"openvino {ov.__version__} ({model.name})"
-
-
-def run_tensorrt(x):
-    import tensorrt as trt
-    import torch
-
-    plan = find("model.plan")
-    logger = trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-    if engine is None:
-        raise RuntimeError(f"TensorRT could not load {plan} (built for another GPU or TensorRT version?)")
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-    xt = torch.from_numpy(x).cuda().contiguous()
-    context.set_input_shape(inp, tuple(xt.shape))
-    context.set_tensor_address(inp, xt.data_ptr())
-    y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
-    context.set_tensor_address(out, y.data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise RuntimeError("TensorRT execution failed")
-    stream.synchronize()
-    return y.cpu().numpy(), f"tensorrt ({plan.name})"
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("images", nargs="+", type=Path)
-    ap.add_argument("--runtime", choices=("auto", "tensorrt", "openvino", "onnxruntime"), default="auto",
-                    help="auto: TensorRT when model.plan exists and tensorrt imports, OpenVINO for model.xml, "
-                         "else ONNX Runtime")
-    ap.add_argument("--json", action="store_true", help="one JSON object per image")
-    args = ap.parse_args()
-    x = np.concatenate([preprocess(p) for p in args.images])
-    runtime = args.runtime
-    if runtime == "auto":
-        runtime = "openvino" if find("model.xml") else "onnxruntime"
-        if find("model.plan"):
-            try:
-                import tensorrt  # noqa: F401
-                import torch
-
-                runtime = "tensorrt" if torch.cuda.is_available() else runtime
-            except ImportError:
-                pass
-    try:
-        run = {"tensorrt": run_tensorrt, "openvino": run_openvino}.get(runtime, run_onnxruntime)
-        logits, used = run(x)
-    except Exception as exc:
-        if args.runtime != "auto" or runtime == "onnxruntime":
-            raise
-        print(f"TensorRT failed ({exc}); using ONNX Runtime", file=sys.stderr)
-        logits, used = run_onnxruntime(x)
-    z = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    names = MANIFEST["labels"]
-    print(f"runtime: {used}", file=sys.stderr)
-    for path, p in zip(args.images, probs):
-        k = int(p.argmax())
-        if args.json:
-            print(json.dumps({"image": str(path), "index": k, "class": names[k], "probability": float(p[k]),
-                              "runtime": used}))
-        else:
-            print(f"{path}: " if len(args.images) > 1 else "", end="")
-            print(f"{names[k]} {p[k]:.4f}")
-
-
-if __name__ == "__main__":
-    main()
-'''
+# The bundle's program: a real module (linted, imported by the tests), copied into every bundle; a
+# bundle that may run a TensorRT plan also gets the runner it uses (compress/trt_exec.py).
+INFER_PY = Path(__file__).with_name("infer.py")
+TRT_EXEC_PY = Path(__file__).with_name("trt_exec.py")
 
 
 def _readme(target: str, name: str, m: dict, engine_note: str, precision: str) -> str:
@@ -669,7 +522,9 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
     pre, pre_source = _preprocess(report, manifest)
     labels = list(pre.get("class_names") or [])
     chw = [int(pre["channels"]), *map(int, pre["size"])]
-    engine_cfg = {"min_batch": 1, "opt_batch": 64, "max_batch": 256}   # EngineConfig's defaults
+    from compress.config import EngineConfig
+
+    engine_cfg = {k: EngineConfig.model_fields[k].default for k in ("min_batch", "opt_batch", "max_batch")}
     configured = ((report or {}).get("pipeline", {}).get("config", {}).get("engine") or {})
     engine_cfg.update({k: v for k, v in (configured.items() if isinstance(configured, dict) else ())
                        if k in engine_cfg and type(v) is int and 1 <= v <= 1 << 20})
@@ -763,7 +618,9 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         if target == "jetson":
             write(home / "build_engine.sh", build_engine_sh("model_fp16.onnx" if deployed == "fp16" else "model.onnx",
                                                             deployed, chw, engine_cfg), executable=True)
-        write(home / "infer.py", INFER_PY, executable=True)
+        write(home / "infer.py", INFER_PY.read_text(), executable=True)
+        if target == "jetson" or plan is not None:
+            write(home / "trt_exec.py", TRT_EXEC_PY.read_text())
 
         rows = [r for r in (report or {}).get("artifacts", []) if r.get("name") == artifact and r.get("status") == "ok"]
         bundle = {

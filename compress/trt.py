@@ -16,7 +16,6 @@ before deserializing. ``tensorrt`` is imported inside functions only: this modul
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -28,6 +27,7 @@ import torch
 
 from compress import install_hint
 from compress.io import atomic_write_bytes, atomic_write_json, sha256_file
+from compress.trt_exec import EngineExec
 
 MANIFEST_FORMAT = "compress.engine/1"
 _INSTALL_HINT = install_hint("tensorrt")
@@ -91,6 +91,32 @@ def timing_cache_path(cache_dir: Path) -> Path:
 def manifest_path(engine_path: Path) -> Path:
     engine_path = Path(engine_path)
     return engine_path.with_name(engine_path.name + ".json")
+
+
+def check_engine(plan: Path, device: int | None = None) -> tuple[bool, str]:
+    """Can this machine run this engine? (ok, reason) from its sidecar manifest, without deserializing it:
+    the GPU, compute capability and TensorRT version it was built for, and its bytes."""
+    plan = Path(plan)
+    sidecar = manifest_path(plan)
+    if not sidecar.is_file():
+        return False, f"{plan.name} has no sidecar manifest {sidecar.name}"
+    try:
+        info = json.loads(sidecar.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return False, f"{sidecar}: engine manifest unreadable ({exc})"
+    ok, reason = tensorrt_status()
+    if not ok:
+        return False, f"{plan.name} was built for {info.get('gpu')} (TensorRT {info.get('tensorrt')}); " \
+                      f"it cannot be checked here: {reason}"
+    here = _this_machine(_import_tensorrt(), device)
+    for key in ("gpu", "compute_capability", "tensorrt"):
+        if info.get(key) != here[key]:
+            return False, f"{plan.name} was built for {key} {info.get(key)!r}, this machine has {here[key]!r}"
+    if info.get("engine_sha256") not in (None, sha256_file(plan)):
+        return False, f"{plan} does not match its manifest (partial write?)"
+    return True, f"built for {here['gpu']}, TensorRT {here['tensorrt']}"
 
 
 # ----------------------------------------------------------------------------- FP16 ONNX
@@ -313,17 +339,6 @@ def build_engine(onnx_path: Path, engine_path: Path, *, min_batch: int, opt_batc
 
 # ----------------------------------------------------------------------------- run
 
-def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT8: torch.int8,
-             trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8}
-    for name, td in (("BF16", torch.bfloat16), ("INT64", torch.int64)):
-        if hasattr(trt.DataType, name):
-            table[getattr(trt.DataType, name)] = td
-    if dtype not in table:
-        raise EngineError(f"engine I/O type {dtype} has no torch equivalent")
-    return table[dtype]
-
-
 class TrtRunner:
     """Runs a serialized engine on torch CUDA tensors, on torch's current stream.
 
@@ -350,46 +365,20 @@ class TrtRunner:
 
         if not self.engine_path.is_file():
             raise EngineError(f"{self.engine_path}: no such engine file")
-        mpath = manifest_path(self.engine_path)
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"{mpath}: engine manifest missing or unreadable ({exc}); rebuild the engine") from None
-        here = _this_machine(trt, self.input_device.index)
-        for key in ("gpu", "compute_capability", "tensorrt"):
-            if self.manifest.get(key) != here[key]:
-                raise EngineError(f"{self.engine_path.name} was built for {key} {self.manifest.get(key)!r}, "
-                                  f"this machine has {here[key]!r}; rebuild the engine here")
+        ok, reason = check_engine(self.engine_path, self.input_device.index)
+        if not ok:
+            raise EngineError(f"{reason}; rebuild the engine here")
+        self.manifest = json.loads(manifest_path(self.engine_path).read_text())
         data = self.engine_path.read_bytes()
-        if self.manifest.get("engine_sha256") not in (None, hashlib.sha256(data).hexdigest()):
-            raise EngineError(f"{self.engine_path} does not match its manifest (partial write?); rebuild the engine")
-
+        here = _this_machine(trt, self.input_device.index)
         self.precision = self.manifest.get("precision", "unknown")
         self.device = here["gpu"]
         self._logger = _make_logger(trt, lambda msg: None)
-        with torch.cuda.device(self.input_device):
-            self._runtime = trt.Runtime(self._logger)   # must outlive the engine
-            self._engine = self._runtime.deserialize_cuda_engine(data)
-            if self._engine is None:
-                raise EngineError(f"TensorRT could not deserialize {self.engine_path}: "
-                                  + ("; ".join(self._logger.errors) or "no reason given"))
-            self._context = self._engine.create_execution_context()
-            if self._context is None:
-                raise EngineError(f"could not create an execution context for {self.engine_path} (out of GPU memory?)")
-
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or not self._outputs:
-            raise EngineError(f"{self.engine_path}: expected one input and at least one output, got {names}")
-        self._input = inputs[0]
-        self._in_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self._input))
-        self._out_dtypes = {n: _torch_dtype(trt, self._engine.get_tensor_dtype(n)) for n in self._outputs}
-        try:
-            lo, _, hi = self._engine.get_tensor_profile_shape(self._input, 0)
-            self.batch_range = (int(lo[0]), int(hi[0]))
-        except AttributeError:  # fall back on what we asked the builder for
-            self.batch_range = (self.manifest["profile"]["min"][0], self.manifest["profile"]["max"][0])
+        self._exec = EngineExec(data, self.input_device, trt=trt, logger=self._logger, name=str(self.engine_path),
+                                error=EngineError)
+        # Older bindings cannot tell the profile: fall back on what we asked the builder for.
+        self.batch_range = self._exec.batch_range or (self.manifest["profile"]["min"][0],
+                                                      self.manifest["profile"]["max"][0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the first output, on the GPU, queued on the current stream."""
@@ -397,27 +386,7 @@ class TrtRunner:
         if not lo <= x.shape[0] <= hi:
             raise EngineError(f"batch {x.shape[0]} is outside {self.engine_path.name}'s profile: "
                               f"batches {lo}..{hi} are allowed; rebuild with a wider engine profile")
-        x = x.to(device=self.input_device, dtype=self._in_dtype, non_blocking=True).contiguous()
-        with torch.cuda.device(self.input_device):
-            return self._run(x)
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.batch_range
-        ctx = self._context
-        if not ctx.set_input_shape(self._input, tuple(x.shape)):
-            raise EngineError(f"{self.engine_path.name}: input shape {tuple(x.shape)} rejected "
-                              f"(expected batch {lo}..{hi} with the exported image size)")
-        ctx.set_tensor_address(self._input, x.data_ptr())
-        outs = {}
-        for name in self._outputs:
-            shape = tuple(ctx.get_tensor_shape(name))
-            outs[name] = torch.empty(shape, dtype=self._out_dtypes[name], device=self.input_device)
-            ctx.set_tensor_address(name, outs[name].data_ptr())
-        stream = torch.cuda.current_stream(self.input_device)
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise EngineError(f"{self.engine_path.name}: execute_async_v3 failed: "
-                              + ("; ".join(self._logger.errors[-3:]) or "no reason given"))
-        return outs[self._outputs[0]]
+        return self._exec(x)
 
     def sync(self) -> None:
         torch.cuda.synchronize(self.input_device)
