@@ -283,6 +283,9 @@ def run(
     try:
         cfg = config.load(pipeline, overrides)
         config.check_machine(cfg, pipeline)
+        for flag, where in (("--out", out), ("--reports", Path(cfg.report.dir))):
+            if where.exists() and not where.is_dir() or any(p.is_file() for p in where.parents):
+                _fail(f"{flag} {where}: {'it' if where.exists() else 'a parent'} is a file, not a directory")
         unknown = [s for s in force if s not in cfg.stages]
         if unknown:
             _fail(f"--force {unknown[0]!r}: no such stage in {pipeline} (stages: {', '.join(cfg.stages)})")

@@ -384,6 +384,13 @@ def machine_table(cmp: Comparison):
     return t
 
 
+def _text(label: str, limit: int = 60) -> str:
+    """A label from a report, safe for matplotlib: `$` would start mathtext (a parse error on odd input)."""
+    label = " ".join(str(label).split())
+    label = label if len(label) <= limit else label[:limit - 1] + "\u2026"
+    return label.replace("$", r"\$")
+
+
 def check_plot_path(path: str | Path) -> None:
     """CompareError unless a PNG can be written at `path`: not a directory, no file where a folder must be."""
     path = Path(path)
@@ -418,9 +425,9 @@ def plot(cmp: Comparison, path: str | Path) -> Path:
                 continue
             ax.scatter(p, r["accuracy"], marker=markers.get(r["runtime"], "o"), s=50, color=color, zorder=3)
             if i == 0:
-                ax.annotate(f"{r['name']} ({r['runtime']}, {r['precision']})", (p, r["accuracy"]),
+                ax.annotate(_text(f"{r['name']} ({r['runtime']}, {r['precision']})"), (p, r["accuracy"]),
                             textcoords="offset points", xytext=(6, 4), fontsize=7)
-        ax.scatter([], [], color=color, label=f"{lab}: {(rep.get('pipeline') or {}).get('name', '?')}")
+        ax.scatter([], [], color=color, label=_text(f"{lab}: {(rep.get('pipeline') or {}).get('name', '?')}"))
     if batch:
         for key in filter(cmp._deltas_for, cmp.keys):
             base = cmp.rows[key][0]

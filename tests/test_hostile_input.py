@@ -202,9 +202,10 @@ def test_device_cuda_without_cuda(tmp_path):
 def test_out_that_is_a_file(tmp_path):
     path = write(tmp_path, TINY + STAGE)
     (tmp_path / "f").write_text("x")
-    res = cli("run", path, "--out", tmp_path / "f", "--reports", tmp_path / "rep")
-    assert res.exit_code in (1, 2) and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
-    assert (tmp_path / "f").read_text() == "x"
+    one_line(cli("run", path, "--out", tmp_path / "f", "--reports", tmp_path / "rep"), 2, "is a file, not a directory")
+    one_line(cli("run", path, "--out", tmp_path / "f" / "runs"), 2, "a parent is a file")
+    one_line(cli("run", path, "--out", tmp_path / "runs", "--reports", tmp_path / "f"), 2, "--reports")
+    assert (tmp_path / "f").read_text() == "x" and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("args", [["--input-size", "1,0,28"], ["--input-size", "1,99999,99999"],
@@ -354,3 +355,12 @@ def test_compare_plot_paths_that_cannot_be_written(tmp_path):
         one_line(cli("compare", tmp_path / "a.json", tmp_path / "a.json", "--plot", plot), 2, expect)
     os.mkfifo(tmp_path / "fifo.json")
     one_line(cli("compare", tmp_path / "a.json", tmp_path / "fifo.json"), 2, "FIFO")
+
+
+def test_compare_plots_names_that_would_break_the_font_renderer(tmp_path):
+    odd = {**GOOD_REPORT, "pipeline": {"name": "$\\frac{"}, "artifacts": [
+        {**GOOD_REPORT["artifacts"][0], "name": name} for name in ("$\\alpha", "a$b$c", "x" * 500, "\u2603\U0001F600")]}
+    (tmp_path / "a.json").write_text(json.dumps(odd))
+    res = cli("compare", tmp_path / "a.json", tmp_path / "a.json", "--plot", tmp_path / "p.png")
+    assert res.exit_code == 0 and not res.stderr.strip(), res.output
+    assert (tmp_path / "p.png").stat().st_size > 1000
