@@ -388,20 +388,20 @@ def test_accuracy_aware_keeps_the_sensitive_layer_float(backend, trained, tmp_pa
         layers = sens.find_layers(proto)
         decision = sens.accuracy_aware(proto, layers, scorer, max_drop=1.0, sweep_images=100, log=lambda m: None)
     assert scorer.fp32_accuracy >= 90
-    assert decision["int8_accuracy"] < scorer.fp32_accuracy - 30  # the outlier wrecks plain INT8
-    assert sens.rank(decision["sensitivity"])[0] == "/stem/stem.0/Conv"
-    assert decision["kept_float"] == ["/stem/stem.0/Conv"]
-    assert decision["target_met"] is True
-    assert decision["final"]["accuracy"] >= scorer.fp32_accuracy - 1.0
-    assert [s["layers_float"] for s in decision["greedy"]] == [0, 1]
+    assert decision.int8_accuracy < scorer.fp32_accuracy - 30  # the outlier wrecks plain INT8
+    assert sens.rank(decision.sensitivity)[0] == "/stem/stem.0/Conv"
+    assert decision.kept_float == ["/stem/stem.0/Conv"]
+    assert decision.target_met is True
+    assert decision.final["accuracy"] >= scorer.fp32_accuracy - 1.0
+    assert [s["layers_float"] for s in decision.greedy] == [0, 1]
 
     rows = sens.layer_rows(layers, decision)
     summary = {"stage": "q", "backend": backend, "method": "ptq", "calibration_split": "train",
                "calibration_seed": 1, "calibration_images": 96, "eval_split": "val", "images": scorer.n,
-               "fp32_accuracy": scorer.fp32_accuracy, "int8_accuracy": decision["int8_accuracy"],
-               "final_accuracy": decision["final"]["accuracy"], "max_accuracy_drop": 1.0, "target_met": True,
-               "kept_float": decision["kept_float"], "sweep_ran": True, "sweep_reason": decision["sweep_reason"],
-               "sweep_images": 100, "max_float_layers": decision["max_float_layers"], "greedy": decision["greedy"]}
+               "fp32_accuracy": scorer.fp32_accuracy, "int8_accuracy": decision.int8_accuracy,
+               "final_accuracy": decision.final["accuracy"], "max_accuracy_drop": 1.0, "target_met": True,
+               "kept_float": decision.kept_float, "sweep_ran": True, "sweep_reason": decision.sweep_reason,
+               "sweep_images": 100, "max_float_layers": decision.max_float_layers, "greedy": decision.greedy}
     json_path, md_path = sens.write_layer_report(tmp_path, summary, rows)
     report = json.loads(json_path.read_text())
     assert [r["name"] for r in report["layers"]] == LAYERS
@@ -418,8 +418,8 @@ def test_no_sweep_without_a_reason(unfolded):
     layers = sens.find_layers(proto)
     scorer = sens.Scorer.of_model(lambda: [(val, labels)], lambda x: torch.zeros(len(x), NUM_CLASSES))
     decision = sens.accuracy_aware(proto, layers, scorer, max_drop=None, log=lambda m: None)
-    assert decision["sensitivity"] is None and decision["kept_float"] == [] and decision["target_met"] is None
-    assert decision["sweep_reason"] == "max_accuracy_drop not set"
+    assert decision.sensitivity is None and decision.kept_float == [] and decision.target_met is None
+    assert decision.sweep_reason == "max_accuracy_drop not set"
     assert all(r["sensitivity"] is None and not r["kept_float"] for r in sens.layer_rows(layers, decision))
 
 

@@ -30,7 +30,7 @@ here the graph that is scored is byte for byte the graph that ships.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -272,36 +272,52 @@ def choose_float(order: list[str], fp32_accuracy: float, max_drop: float,
                        "accuracy": s["accuracy"]} for s in steps]}
 
 
+@dataclass
+class Decision:
+    """What `accuracy_aware` decided, and the scores it decided on."""
+
+    fp32_accuracy: float
+    int8_accuracy: float                 # every layer INT8
+    max_accuracy_drop: float | None
+    max_float_layers: int                # the cap on float layers (max_float_fraction of them)
+    images: int                          # val images scored
+    final: dict                          # score of the graph that ships: accuracy, agreement, logit_mse
+    kept_float: list[str] = field(default_factory=list)   # layers that ship in float, in the order floated
+    sensitivity: dict[str, dict] | None = None   # the sweep per layer (None: no sweep ran)
+    greedy: list[dict] | None = None     # the greedy steps (None: none ran)
+    target_met: bool | None = None       # None: no max_accuracy_drop
+    sweep_reason: str | None = None      # why the sweep ran, or did not
+    sweep_images: int | None = None      # the hardest images the sweep scored on
+
+
 def accuracy_aware(proto, layers: list[QuantizedLayer], scorer: Scorer, *, max_drop: float | None,
                    sweep_images: int | None = None, max_float_fraction: float = 1.0, always_sweep: bool = False,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print) -> Decision:
     """Decide which layers stay float (see the module doc). `scorer` holds the whole val split; the sweep
-    runs on its `sweep_images` hardest images. Returns kept_float, the sweep (or None) and the scores."""
+    runs on its `sweep_images` hardest images."""
     start = time.perf_counter()
     int8_logits = scorer.logits(proto)
     first = scorer.score(int8_logits)
-    max_layers = max(1, int(max_float_fraction * len(layers)))
-    result = {"fp32_accuracy": scorer.fp32_accuracy, "int8_accuracy": first["accuracy"], "max_accuracy_drop": max_drop,
-              "kept_float": [], "final": first, "sensitivity": None, "greedy": None, "target_met": None,
-              "sweep_reason": None, "images": scorer.n, "sweep_images": None, "max_float_layers": max_layers}
+    result = Decision(fp32_accuracy=scorer.fp32_accuracy, int8_accuracy=first["accuracy"], max_accuracy_drop=max_drop,
+                      max_float_layers=max(1, int(max_float_fraction * len(layers))), images=scorer.n, final=first)
     drop = scorer.fp32_accuracy - first["accuracy"]
     needed = max_drop is not None and drop > max_drop + 1e-9
     if max_drop is not None:
-        result["target_met"] = not needed
+        result.target_met = not needed
     if not (needed or always_sweep) or not layers:
-        result["sweep_reason"] = ("no quantized layers" if not layers else "max_accuracy_drop not set"
-                                  if max_drop is None else f"the drop ({drop:.2f} points) is within max_accuracy_drop")
+        result.sweep_reason = ("no quantized layers" if not layers else "max_accuracy_drop not set"
+                               if max_drop is None else f"the drop ({drop:.2f} points) is within max_accuracy_drop")
         return result
     n = scorer.n if sweep_images is None else min(sweep_images, scorer.n)
     sweep_scorer = scorer if n == scorer.n else scorer.subset(hardest(scorer, int8_logits, n))
-    result["sweep_images"] = n
-    result["sensitivity"] = sweep(proto, layers, sweep_scorer)
-    order = rank(result["sensitivity"])
+    result.sweep_images = n
+    result.sensitivity = sweep(proto, layers, sweep_scorer)
+    order = rank(result.sensitivity)
     log(f"sensitivity sweep: {len(layers)} layers on the {n} val images where INT8 departs most from FP32, in "
         f"{time.perf_counter() - start:.1f} s; most sensitive: "
-        + ", ".join(f"{name} (+{result['sensitivity'][name]['gain']:.2f})" for name in order[:3]))
+        + ", ".join(f"{name} (+{result.sensitivity[name]['gain']:.2f})" for name in order[:3]))
     if not needed:
-        result["sweep_reason"] = "asked for (sensitivity_sweep)"
+        result.sweep_reason = "asked for (sensitivity_sweep)"
         return result
     by_name = {layer.name: layer for layer in layers}
     scores = {(): first}
@@ -311,9 +327,10 @@ def accuracy_aware(proto, layers: list[QuantizedLayer], scorer: Scorer, *, max_d
             scores[tuple(names)] = scorer(keep_float(proto, [by_name[n] for n in names]))
         return scores[tuple(names)]["accuracy"]
 
-    greedy = choose_float(order, scorer.fp32_accuracy, max_drop, accuracy_of, max_layers)
-    result.update(kept_float=greedy["kept_float"], final=scores[tuple(greedy["kept_float"])], greedy=greedy["steps"],
-                  target_met=greedy["met"], sweep_reason=f"the drop ({drop:.2f} points) exceeded max_accuracy_drop")
+    greedy = choose_float(order, scorer.fp32_accuracy, max_drop, accuracy_of, result.max_float_layers)
+    result.kept_float, result.final = greedy["kept_float"], scores[tuple(greedy["kept_float"])]
+    result.greedy, result.target_met = greedy["steps"], greedy["met"]
+    result.sweep_reason = f"the drop ({drop:.2f} points) exceeded max_accuracy_drop"
     return result
 
 
@@ -327,9 +344,9 @@ def _scale_summary(scale: np.ndarray | None) -> dict | None:
     return {"n": int(s.size), "min": float(s.min()), "median": float(np.median(s)), "max": float(s.max())}
 
 
-def layer_rows(layers: list[QuantizedLayer], decision: dict) -> list[dict]:
-    sens = decision.get("sensitivity") or {}
-    kept = set(decision["kept_float"])
+def layer_rows(layers: list[QuantizedLayer], decision: Decision) -> list[dict]:
+    sens = decision.sensitivity or {}
+    kept = set(decision.kept_float)
     return [{"name": layer.name, "op": layer.op, "weight_shape": list(layer.weight_shape or []) or None,
              "weight_scale": _scale_summary(layer.weight.scale if layer.weight else None),
              "activation_scale": _scale_summary(layer.activation.scale if layer.activation else None),

@@ -62,47 +62,47 @@ def run(cfg: QuantizeStage, ctx: Context) -> Artifact:
                                    sweep_images=cfg.sensitivity_images, max_float_fraction=cfg.max_float_fraction,
                                    always_sweep=cfg.sensitivity_sweep, log=lambda m: ctx.log(f"[{ctx.stage_name}] {m}"))
     by_name = {layer.name: layer for layer in layers}
-    final = sens.keep_float(proto, [by_name[n] for n in decision["kept_float"]])
+    final = sens.keep_float(proto, [by_name[n] for n in decision.kept_float])
     info = {**write_qdq(final, path), **info, "seconds": round(time.perf_counter() - start, 3)}
 
-    final_score = decision["final"]
+    final_score = decision.final
     summary = {"stage": ctx.stage_name, "backend": cfg.backend, "method": cfg.method,
                "calibration_split": cfg.calibration_split, "calibration_seed": cfg.calibration_seed,
                "calibration_images": info["calibration_images"], "eval_split": split, "images": scorer.n,
                "fp32_accuracy": scorer.fp32_accuracy if split == "val" else None,
-               "int8_accuracy": decision["int8_accuracy"] if split == "val" else None,
+               "int8_accuracy": decision.int8_accuracy if split == "val" else None,
                "final_accuracy": final_score["accuracy"] if split == "val" else None,
-               "max_accuracy_drop": cfg.max_accuracy_drop, "target_met": decision["target_met"],
-               "kept_float": decision["kept_float"], "sweep_ran": decision["sensitivity"] is not None,
-               "sweep_reason": decision["sweep_reason"], "sweep_images": decision["sweep_images"],
-               "max_float_layers": decision["max_float_layers"], "greedy": decision["greedy"]}
+               "max_accuracy_drop": cfg.max_accuracy_drop, "target_met": decision.target_met,
+               "kept_float": decision.kept_float, "sweep_ran": decision.sensitivity is not None,
+               "sweep_reason": decision.sweep_reason, "sweep_images": decision.sweep_images,
+               "max_float_layers": decision.max_float_layers, "greedy": decision.greedy}
     rows = sens.layer_rows(layers, decision)
     layers_json, layers_md = sens.write_layer_report(ctx.stage_dir, summary, rows)
 
     info.update({
         "quantized_layers": len(layers),
-        "kept_float_layers": decision["kept_float"],
+        "kept_float_layers": decision.kept_float,
         "val_accuracy_fp32": summary["fp32_accuracy"],
         "val_accuracy_int8_all_layers": summary["int8_accuracy"],
         "val_accuracy": summary["final_accuracy"],
         "val_accuracy_drop": (None if split != "val" else round(scorer.fp32_accuracy - final_score["accuracy"], 4)),
         "max_accuracy_drop": cfg.max_accuracy_drop,
-        "accuracy_target_met": decision["target_met"],
+        "accuracy_target_met": decision.target_met,
         "sensitivity_sweep": summary["sweep_ran"],
         "calibration_split": cfg.calibration_split,
         "calibration_seed": cfg.calibration_seed,
         "top1_agreement_with_fp32": final_score["agreement"],
     })
-    if decision["target_met"] is False:
+    if decision.target_met is False:
         ctx.log(f"[{ctx.stage_name}] WARNING: max_accuracy_drop {cfg.max_accuracy_drop} was not reached with up to "
-                f"{decision['max_float_layers']} of {len(layers)} layers in float; shipping the best found "
+                f"{decision.max_float_layers} of {len(layers)} layers in float; shipping the best found "
                 f"({final_score['accuracy']:.2f}% vs FP32 {scorer.fp32_accuracy:.2f}% on val, "
-                f"{len(decision['kept_float'])} layers float)")
+                f"{len(decision.kept_float)} layers float)")
     acc = (f"val top-1 {final_score['accuracy']:.2f}% (FP32 {scorer.fp32_accuracy:.2f}%), " if split == "val" else "")
     ctx.log(f"[{ctx.stage_name}] INT8 QDQ ONNX ({cfg.backend}): {info['quantize_linear']} Q / "
             f"{info['dequantize_linear']} DQ nodes, {info['calibration_images']} {cfg.calibration_split} calibration "
             f"images, {acc}top-1 agreement with FP32 {final_score['agreement'] * 100:.1f}%, "
-            f"{len(decision['kept_float'])} of {len(layers)} layers kept float")
+            f"{len(decision.kept_float)} of {len(layers)} layers kept float")
     files = {"onnx_int8": str(path), "layers": str(layers_md), "layers_json": str(layers_json)}
     # The CPU form (QDQ u8s8, int32 biases: what ONNX Runtime's CPU kernels fuse and OpenVINO reads right),
     # PTQ from the FP32 parent on the same calibration images; kept only within the drop limit on `split`.
