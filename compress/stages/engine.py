@@ -4,10 +4,13 @@ GPU exist; a clear "skipped: why" otherwise (the building and running are in com
 
 from __future__ import annotations
 
+from compress.config import EngineConfig
+from compress.context import Context
 from compress.rundir import engine_path as engine_path_for
 from compress.trt import EngineError, build_engine, fp16_onnx, tensorrt_status, timing_cache_path
 
-def run(cfg, ctx) -> dict[str, dict[str, dict]]:
+
+def run(cfg: EngineConfig, ctx: Context) -> dict[str, dict[str, dict]]:
     """Build the engines the YAML asks for, for every artifact; never fails the pipeline.
 
     FP32/FP16 engines come from each float artifact's ONNX (FP16 via `fp16_onnx`), INT8

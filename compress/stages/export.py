@@ -4,9 +4,12 @@ images (the exporter and the parity check are in compress.onnx_export).
 
 from __future__ import annotations
 
+from compress.config import ExportConfig
+from compress.context import Artifact, Context
 from compress.onnx_export import check_parity, export_onnx
 
-def run(cfg, ctx, artifact):
+
+def run(cfg: ExportConfig, ctx: Context, artifact: Artifact) -> Artifact:
     """Export a stage's PyTorch model to `model.onnx` and record its parity on test images."""
     if artifact.path("model") is None:
         return artifact  # already ONNX (quantize writes its own QDQ model)
