@@ -143,6 +143,7 @@ class AugmentConfig(Strict):
 
 
 MAX_IMAGE_SIZE, MAX_CHANNELS = 4096, 64
+MAX_BATCH = 1 << 16  # a larger batch does not fit any accelerator; it fails later, allocating
 
 
 def _physical_memory() -> int | None:
@@ -190,8 +191,8 @@ class DataConfig(Strict):
         None, min_length=1, description="fixed per-channel mean on the [0, 1] scale (one per channel; with std)")
     std: list[Annotated[float, Field(gt=0, le=1e3)]] | None = Field(
         None, min_length=1, description="fixed per-channel std on the [0, 1] scale (one per channel; with mean)")
-    batch_size: int = Field(256, ge=1)
-    eval_batch_size: int = Field(1024, ge=1)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = Field(1024, ge=1, le=MAX_BATCH)
     val_size: int = Field(5000, ge=0, description="images held out of train for validation (fixed seed)")
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -202,7 +203,7 @@ class DataConfig(Strict):
                             "that are copied over asynchronously, then augmented on the GPU; auto: device when "
                             "the images take under a quarter of the free GPU memory (on CPU: device, except an "
                             "imagefolder cache larger than a quarter of the available memory, which is streamed)")
-    workers: int = Field(2, ge=0, description="placement host: DataLoader worker processes gathering batches")
+    workers: int = Field(2, ge=0, le=256, description="placement host: DataLoader worker processes gathering batches")
     cache: bool = Field(True, description="imagefolder: decode the images once into an on-disk uint8 cache and "
                                           "read them from it (placement host streams batches from the file); "
                                           "false: decode into memory on every run")
@@ -255,7 +256,7 @@ class OptimConfig(Strict):
                             "and evaluation; auto: what a short timed probe finds fastest for this model on this "
                             "machine (cached; bf16 only where the CPU has it natively: AMX / AVX-512 BF16); off: "
                             "fp32 as before (compress.fastpath)")
-    batch_size: int | None = Field(None, ge=1, description="overrides data.batch_size for this stage")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="overrides data.batch_size for this stage")
     compile: bool = Field(False, description="torch.compile the model being trained (faster steps on CUDA after "
                                              "a compile of tens of seconds; needs a C++ compiler on CPU)")
     # Regularization (all off by default); the teachers of a distilling stage see the same mixed images.
@@ -448,7 +449,7 @@ class PruneStage(OptimConfig, KDConfig):
     latency_runtime: Literal["onnxruntime", "torch"] = Field(
         "onnxruntime", description="target_latency_ms: where latency is measured (onnxruntime: on the CPU, as "
                                    "the benchmark does; torch: on the pipeline's device)")
-    latency_batch: int = Field(1, ge=1, description="target_latency_ms: the batch size it is measured at")
+    latency_batch: int = Field(1, ge=1, le=MAX_BATCH, description="target_latency_ms: the batch size it is measured at")
     importance: Literal["l1", "l2", "lamp", "fpgm", "random", "taylor", "bn_scale"] = Field(
         "l1", description="channel score: l1/l2 weight magnitude, lamp, fpgm (geometric median), random, taylor "
                           "(|weight x gradient| of the stage's loss on training batches), bn_scale (|BN scale|, "
@@ -595,9 +596,9 @@ class ExportConfig(Strict):
 
 class EngineConfig(Strict):
     precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp16", "int8"]
-    min_batch: int = Field(1, ge=1)
-    opt_batch: int = Field(64, ge=1)
-    max_batch: int = Field(256, ge=1)
+    min_batch: int = Field(1, ge=1, le=MAX_BATCH)
+    opt_batch: int = Field(64, ge=1, le=MAX_BATCH)
+    max_batch: int = Field(256, ge=1, le=MAX_BATCH)
     workspace_gb: float = Field(2.0, gt=0)
 
     @model_validator(mode="after")
@@ -609,10 +610,10 @@ class EngineConfig(Strict):
 
 class BenchmarkConfig(Strict):
     runtimes: list[Literal["torch", "onnxruntime", "openvino", "tensorrt"]] = ["torch", "onnxruntime", "tensorrt"]
-    batch_sizes: list[Annotated[int, Field(ge=1)]] = [1, 64]
+    batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = [1, 64]
     warmup: int = Field(10, ge=0)
     iters: int = Field(50, ge=1)
-    threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's default)")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (default: torch's default)")
     accuracy_split: Literal["test", "val"] = "test"
     cpu_fast_path: Literal["auto", "off", "channels_last", "bf16", "bf16_channels_last"] = Field(
         "auto", description="torch rows on CPU: channels-last and/or bf16 autocast; auto: what a short timed probe "
