@@ -49,7 +49,7 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
 MARGIN = 1.05            # a mode must be this much faster than fp32 (images/s) for `auto` to pick it
 MIN_PROBE_STEPS = 100    # fewer steps to run than this: a probe (~10 steps, plus set-up) costs more than it saves
 PROBE_WARMUP = 2         # untimed steps per mode (allocator, oneDNN primitive cache)
-PROBE_STEPS = 3          # timed steps per mode; the fastest counts (noise on a shared machine only slows)
+PROBE_STEPS = 3          # timed steps per mode, in turns; the fastest counts (a busy machine only slows)
 CACHE_FORMAT = "compress.fastpath/1"
 
 
@@ -126,35 +126,28 @@ def fixed(mode: str, device: str = "cpu", setting: str | None = None, reason: st
 
 # ----------------------------------------------------------------------------- the probe
 
-def _step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, train: bool,
-                  warmup: int, steps: int) -> float:
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, train: bool) -> Callable[[], None]:
+    """One training step (or inference forward) of a copy of `model` in `mode`, as a call."""
     path = fixed(mode)
     net = path.model(copy.deepcopy(model))
     x = path.input(x)
-    if train:
-        net.train()
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-
-        def step():
-            with path.context():
-                loss = F.cross_entropy(net(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    else:
+    if not train:
         net.eval()
 
-        def step():
+        def forward():
             with torch.inference_mode(), path.context():
                 net(x)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return min(times)
+        return forward
+    net.train()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def step():
+        with path.context():
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 
 def probe(model: nn.Module, input_shape: tuple[int, ...], batch: int, modes: tuple[str, ...],
@@ -174,7 +167,16 @@ def probe(model: nn.Module, input_shape: tuple[int, ...], batch: int, modes: tup
                 num_classes = int(model.eval()(x[:1]).shape[1])
                 model.train(was)
         y = torch.randint(0, num_classes, (batch,), generator=g)
-        return {m: round(batch / _step_seconds(model, x, y, m, train, warmup, steps), 1) for m in modes}
+        calls = {m: _step(model, x, y, m, train) for m in modes}
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        # Round-robin over the modes, so that a neighbour's load slows them alike, not one mode's turn.
+        for i in range(warmup + steps):
+            for m, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                if i >= warmup:
+                    times[m].append(time.perf_counter() - t0)
+        return {m: round(batch / min(t), 1) for m, t in times.items()}
 
 
 # ----------------------------------------------------------------------------- the cache
