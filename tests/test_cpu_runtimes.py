@@ -198,6 +198,16 @@ def test_each_cpu_int8_form_is_within_its_float_parent(tmp_path):
         runner = make_runner(runtime, {"onnx": files["onnx"], key: files[key]}, "int8", threads=1)
         acc = (runner(test).argmax(1) == y[128:]).float().mean().item()
         assert abs(acc - fp32) <= 0.01, (runtime, key, acc, fp32)  # 384 images: at most 3 flips
+    # ONNX Runtime's fused integer kernels compute what the file's QDQ arithmetic says (7-bit weights:
+    # no int16 saturation in AVX2's u8s8 kernels), as its unoptimized reference run does.
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(files["onnx_int8_cpu"], opts, providers=["CPUExecutionProvider"])
+    reference = plain.run(None, {"input": test.numpy()})[0]
+    fused = make_runner("onnxruntime", files, "int8", threads=1)(test).numpy()
+    assert np.abs(fused - reference).max() <= 1e-3 * np.abs(reference).max()
     for runtime in ("onnxruntime", "openvino"):  # each runtime's first choice is the CPU form
         assert make_runner(runtime, files, "int8", threads=1).file == files["onnx_int8_cpu"]
     assert json.dumps(info)  # manifest-ready

@@ -586,7 +586,7 @@ def test_stage_writes_a_scored_tensorrt_int8_artifact(stage_env, name, fields):
     m = art.metrics
     # The CPU form beside it: kept only within 0.3 point of the FP32 parent on val (a QAT parent is PTQ'd here).
     cpu = m["cpu_int8"]
-    assert cpu["shipped"] == ("onnx_int8_cpu" in art.files) and cpu["max_drop"] == 0.3
+    assert cpu["shipped"] == ("onnx_int8_cpu" in art.files) and cpu["max_drop"] == pytest.approx(max(0.3, 100 / data.num_val), abs=1e-3)
     assert (cpu["accuracy_drop"] <= 0.3) == cpu["shipped"]
     assert m["backend"] == fields.get("backend", "nncf") and m["calibration_images"] == 64
     assert m["quantized_layers"] == 3 and m["kept_float_layers"] == [] and m["sensitivity_sweep"] is False
