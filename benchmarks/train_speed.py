@@ -19,11 +19,12 @@ For each model, on the same device, batch size, optimizer settings and Fashion-M
 Each variant runs `--repeats` times, interleaved, after one untimed warm-up epoch; the
 median images/s is reported, and the ratio compress / minimal (target: >= 0.95 on CPU, > 1
 on GPU; compress auto on an AMX machine: >= 1.5). With `--report`, the stage wall times of a `compress run` report (e.g. the
-committed reference run of pipelines/distill.yaml) are tabulated alongside.
+committed reference run of pipelines/distill.yaml) are tabulated alongside; given twice (a run with
+`cpu_fast_path: off` and one with `auto`, on this machine), side by side with the ratio.
 
     python benchmarks/train_speed.py                                  # ~10 min on an idle 2-core CPU
     python benchmarks/train_speed.py --models resnet20 --images 10000 --repeats 2
-    python benchmarks/train_speed.py --report reports/fashion-distill/report.json
+    python benchmarks/train_speed.py --report reports/reference/fashion-distill/report.json
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def probe_fast_path(model_name: str, data: DataModule, opts: OptimConfig, device
 def stage_times(report_path: Path) -> dict:
     report = json.loads(report_path.read_text())
     stages = {name: {"type": s.get("type"), "model": s.get("model"), "wall_seconds": report["wall_seconds"].get(name),
-                     "train_images_per_s": (s.get("metrics") or {}).get("train_images_per_s")}
+                     "train_images_per_s": (s.get("metrics") or {}).get("train_images_per_s"),
+                     "fast_path": ((s.get("metrics") or {}).get("fast_path") or {}).get("mode")}
               for name, s in report["stages"].items()}
     return {"report": str(report_path.relative_to(ROOT) if report_path.is_relative_to(ROOT) else report_path),
             "pipeline": report.get("pipeline", {}).get("name") if isinstance(report.get("pipeline"), dict) else None,
@@ -174,17 +176,28 @@ def markdown(result: dict) -> str:
             lines.append(f"* {r['model']}: {f['mode']} ({f['reason']}); probe {rates or '-'} img/s, "
                          f"{f['probe_seconds']} s")
         lines.append("")
-    if result.get("pipeline_report"):
-        p = result["pipeline_report"]
+    reports = result.get("pipeline_reports") or ([result["pipeline_report"]] if result.get("pipeline_report") else [])
+    for p in reports:
         lines += [f"## Wall time of `{p['pipeline'] or 'the pipeline'}`, stage by stage", "",
                   f"From `{p['report']}` (created {p['created']}, on {p['machine']['cpu']} with "
                   f"{p['machine']['cores_usable']} usable cores, GPU: {p['machine'].get('gpu') or 'none'}).", "",
-                  "| stage | type | model | wall (s) | training img/s |", "|---|---|---|---:|---:|"]
+                  "| stage | type | model | trained with | wall (s) | training img/s |", "|---|---|---|---|---:|---:|"]
         for name, s in p["stages"].items():
             rate = f"{s['train_images_per_s']:,.0f}" if s["train_images_per_s"] else ""
-            lines.append(f"| {name} | {s['type']} | {s['model']} | {s['wall_seconds']:.1f} | {rate} |")
-        lines += [f"| engines + benchmark + report | | | {p['benchmark_seconds']:.1f} | |",
-                  f"| **total** | | | **{p['total_seconds']:.1f}** | |", ""]
+            lines.append(f"| {name} | {s['type']} | {s['model']} | {s.get('fast_path') or '-'} | "
+                         f"{s['wall_seconds']:.1f} | {rate} |")
+        lines += [f"| engines + benchmark + report | | | | {p['benchmark_seconds']:.1f} | |",
+                  f"| **total** | | | | **{p['total_seconds']:.1f}** | |", ""]
+    if len(reports) == 2:  # before / after: the same pipeline, e.g. cpu_fast_path off, then auto
+        a, b = reports
+        lines += ["## Side by side", "", f"| stage | wall (s), `{a['report']}` | wall (s), `{b['report']}` | ratio |",
+                  "|---|---:|---:|---:|"]
+        for name in a["stages"]:
+            wa, wb = a["stages"][name]["wall_seconds"], (b["stages"].get(name) or {}).get("wall_seconds")
+            ratio = f"{wa / wb:.2f}x" if wa and wb else "-"
+            lines.append(f"| {name} | {wa:.1f} | {wb if wb is None else f'{wb:.1f}'} | {ratio} |")
+        lines += [f"| **total** | {a['total_seconds']:.1f} | {b['total_seconds']:.1f} | "
+                  f"{a['total_seconds'] / b['total_seconds']:.2f}x |", ""]
     lines += [f"Machine: {m['cpu']}, {m['cores_usable']} usable cores, GPU: {m.get('gpu') or 'none'}; "
               f"torch {m['versions']['torch']}.", "", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
@@ -200,7 +213,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "synthetic"],
                     help="synthetic: same-size random images, where Fashion-MNIST is not on the machine")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    ap.add_argument("--report", type=Path, default=None, help="a report.json whose stage wall times to include")
+    ap.add_argument("--report", type=Path, action="append", default=[],
+                    help="a report.json whose stage wall times to include (twice: side by side)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default=None, help="output file stem (default: train_speed[-cuda])")
     args = ap.parse_args()
@@ -238,7 +252,8 @@ def main() -> None:
               "device": str(device), "images": plain.num_train, "batch_size": args.batch, "repeats": args.repeats,
               "machine": {**machine_info(), "isa": fastpath.isa(), "native_bf16": fastpath.native_bf16()},
               "rows": rows,
-              "pipeline_report": stage_times(args.report.resolve()) if args.report else None}
+              "pipeline_report": stage_times(args.report[0].resolve()) if args.report else None,
+              "pipeline_reports": [stage_times(r.resolve()) for r in args.report]}
     stem = args.name or ("train_speed-cuda" if device.type == "cuda" else "train_speed")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{stem}.json", result)
