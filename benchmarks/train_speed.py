@@ -143,8 +143,9 @@ def stage_times(report_path: Path) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     device = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} torch threads"
-    isa = ", ".join(m.get("isa") or []) or "unknown"
-    bf16 = "native bf16" if m.get("native_bf16") else "no native bf16 (bf16 would be emulated)"
+    isa = ", ".join(m.get("isa") or []) or "not recorded"
+    bf16 = ("bf16 support not recorded" if "native_bf16" not in m      # results from before the fast path
+            else "native bf16" if m["native_bf16"] else "no native bf16 (bf16 would be emulated)")
     lines = [
         "# Training step speed: compress `fit` against a minimal PyTorch loop",
         "",
