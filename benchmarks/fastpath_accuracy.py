@@ -5,7 +5,8 @@ the default pipeline (teacher and students, 2 seeds); where it does, `cpu_fast_p
 must not pick bf16 for that model. This script runs `compress run PIPELINE` once per seed and
 mode with every training stage's `cpu_fast_path` set to the mode (each in its own run
 directory, so nothing is shared between them), then tabulates each stage's test top-1 (the
-torch fp32 benchmark row of its model) and the mean difference to `off` (fp32).
+torch benchmark row of its model, scored in fp32: `benchmark.cpu_fast_path: off`) and the
+mean difference to `off` (fp32).
 
 bf16 needs a CPU with native bf16 (AMX or AVX-512 BF16) to mean anything: elsewhere PyTorch
 emulates it (bf16 rounding with fp32 arithmetic in other kernels), many times slower and not
@@ -118,6 +119,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "compress", "run", str(args.pipeline), "--out", str(run_root),
                    "--reports", str(reports), "--no-progress", "--set", f"seed={seed}",
                    *(a for s in stages for a in ("--set", f"stages.{s}.cpu_fast_path={mode}")),
+                   "--set", "benchmark.cpu_fast_path=off",   # test top-1 scored in fp32 in every arm
                    *(a for o in args.overrides for a in ("--set", o))]
             print(f"seed {seed}, {mode}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.perf_counter()
