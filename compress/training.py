@@ -233,8 +233,12 @@ class _Trainer:
         self.batch_size = opts.batch_size or data.batch_size
         self.steps_per_epoch = data.steps_per_epoch(self.batch_size)
         # Memory format and autocast (compress.fastpath: measured per model on a CPU; channels-last and bf16,
-        # or fp16 with a working GradScaler, on CUDA). Under DDP rank 0 decides for all.
-        self.fast = distributed.broadcast(self.choose_fast_path() if distributed.rank() == 0 else None)
+        # or fp16 with a working GradScaler, on CUDA). Under DDP rank 0 decides for all; a fit outside a
+        # data-parallel stage (e.g. QAT, in rank 0 alone) decides alone: a broadcast there would cross another.
+        if distributed.data_parallel():
+            self.fast = distributed.broadcast(self.choose_fast_path() if distributed.rank() == 0 else None)
+        else:
+            self.fast = self.choose_fast_path()
         log(f"{desc}: {self.fast.mode} ({self.fast.reason})")
         self.fast.model(model)
         for t in self.teachers:  # the teachers' forward runs under the same autocast, in the same layout
