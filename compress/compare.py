@@ -437,7 +437,7 @@ def plot(cmp: Comparison, path: str | Path) -> Path:
                 if p0 is not None and p is not None:
                     ax.annotate("", (p, other["accuracy"]), (p0, base["accuracy"]),
                                 arrowprops={"arrowstyle": "->", "color": "gray", "alpha": 0.6})
-    from compress.stages.report import finish_plot
+    from compress.reporting import finish_plot
 
     xlabel = f"latency p50 at batch {batch} (ms, log scale)" if batch else "latency (no common batch size)"
     return atomic_write_bytes(path, finish_plot(fig, ax, xlabel, "compare: accuracy vs latency"))

@@ -440,7 +440,7 @@ def combined_report(trials: list[Trial], objectives: list[Objective], sweep: Swe
                     out: Path, batch: int) -> dict:
     """sweep.json, sweep.md and pareto.png in `out`; returns the JSON."""
     from compress.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from compress.stages.report import pareto_front
+    from compress.reporting import pareto_front
 
     points = []   # (trial index, row) for every scored artifact of every trial
     for t in trials:

@@ -115,7 +115,7 @@ def test_runtime_order_changes_no_accuracy_and_rows_are_checked_against_onnxrunt
 
 def test_a_runtime_that_disagrees_with_onnxruntime_fails_its_row(tmp_path):
     """Rows whose parity-image decisions differ from ONNX Runtime's are failed, with their numbers kept."""
-    from compress.stages.benchmark import _compare_outputs, _row
+    from compress.scoring import blank_row, compare_outputs
 
     export_onnx(_shufflenet(), tmp_path / "shuf.onnx", (1, 28, 28))
     torch.manual_seed(1)
@@ -125,13 +125,13 @@ def test_a_runtime_that_disagrees_with_onnxruntime_fails_its_row(tmp_path):
     art = Artifact(name="m", stage="train", parent=None, model="x")
     rows = []
     for runtime, name in (("onnxruntime", "shuf"), ("openvino", "shuf"), ("openvino", "other")):
-        row = _row(art, runtime, "fp32", None)
+        row = blank_row(art, runtime, "fp32", None)
         row["accuracy"] = 50.0
         np.save(tmp_path / f"{runtime}-{name}.npy",
                 make_runner(runtime, {"onnx": str(tmp_path / f"{name}.onnx")}, "fp32", threads=1)(x).numpy())
         row["_parity"] = row["_parity_kept"] = str(tmp_path / f"{runtime}-{name}.npy")
         rows.append(row)
-    _compare_outputs(rows, log=lambda m: None)
+    compare_outputs(rows, log=lambda m: None)
     same, other = rows[1], rows[2]
     assert same["status"] == "ok" and same["parity"]["top1_agreement"] == 1.0
     assert other["status"] == "failed" and "disagree with onnxruntime" in other["reason"]

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.stages.benchmark import PARITY_MIN_AGREEMENT, _compare_outputs
-from compress.stages.report import parity_flags, parity_table, render_markdown
+from compress.scoring import PARITY_MIN_AGREEMENT, compare_outputs
+from compress.reporting import parity_flags, parity_table, render_markdown
 
 
 def _row(name, runtime, precision, logits_file=None):
@@ -45,7 +45,7 @@ def test_engine_rows_get_parity_and_a_broken_engine_is_flagged(tmp_path):
             _row("t", "tensorrt", "fp32", _save(tmp_path, "trt_t", broken)),
             _row("u", "tensorrt", "int8", _save(tmp_path, "trt_u", ort))]    # no ONNX Runtime row to compare with
     logs = []
-    _compare_outputs(rows, logs.append)
+    compare_outputs(rows, logs.append)
     s16, broken_row, lone = rows[1], rows[3], rows[4]
 
     # the FP16 engine is compared with the FP32 ONNX it was cast from, with the real figures

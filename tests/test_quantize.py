@@ -577,7 +577,7 @@ def run_stage(env, name: str, parent: str = "plain", **fields):
 ])
 def test_stage_writes_a_scored_tensorrt_int8_artifact(stage_env, name, fields):
     from compress.runtime import evaluate, make_runner
-    from compress.stages.benchmark import _plans
+    from compress.scoring import plans
 
     art, messages = run_stage(stage_env, name, **fields)
     data = stage_env["data"]
@@ -599,7 +599,7 @@ def test_stage_writes_a_scored_tensorrt_int8_artifact(stage_env, name, fields):
     runner = make_runner("onnxruntime", art.files, "int8", threads=1)
     test = evaluate(runner, data.eval_batches("test"))
     assert test["n"] == data.num_test and test["accuracy"] >= 70
-    assert [p[1] for p in _plans(art, ["torch", "onnxruntime"], {})] == ["int8", "int8"]  # extra file keys are fine
+    assert [p[1] for p in plans(art, ["torch", "onnxruntime"], {})] == ["int8", "int8"]  # extra file keys are fine
     report = json.loads(open(art.files["layers_json"]).read())
     assert [r["name"] for r in report["layers"]] == ["/conv1/Conv", "/conv2/Conv", "/head/Gemm"]
     assert report["sweep_ran"] is False and "No sensitivity sweep ran" in open(art.files["layers"]).read()

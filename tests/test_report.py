@@ -1,6 +1,6 @@
 """Pareto front and report rendering on hand-made rows."""
 
-from compress.stages.report import pareto_front, plot_pareto, render_markdown
+from compress.reporting import pareto_front, plot_pareto, render_markdown
 
 
 def row(name, runtime, acc, p50, status="ok"):
@@ -53,7 +53,7 @@ FLAG_ROWS = [
 
 
 def test_int8_not_faster_is_flagged_per_runtime_and_batch():
-    from compress.stages.report import int8_flags
+    from compress.reporting import int8_flags
 
     flags = int8_flags(FLAG_ROWS)
     got = {(f["artifact"], f["runtime"], f["batch"], f["reference"]["precision"]) for f in flags}
@@ -67,7 +67,7 @@ def test_int8_not_faster_is_flagged_per_runtime_and_batch():
 
 
 def _full_report(rows):
-    from compress.stages.report import int8_flags
+    from compress.reporting import int8_flags
 
     return {"pipeline": {"name": "p", "file": "p.yaml", "yaml": "name: p  # <b>not html</b>\n"}, "created": "now",
             "machine": {"cpu": "x86", "cores": 2, "torch_threads": 2, "gpu": None, "versions": {"torch": "2"}},
@@ -80,7 +80,7 @@ def test_html_is_self_contained_and_matches_the_markdown():
     import base64
     import re
 
-    from compress.stages.report import render_html
+    from compress.reporting import render_html
 
     report = _full_report(FLAG_ROWS)
     png = plot_pareto(FLAG_ROWS, "t")
@@ -133,6 +133,6 @@ def test_run_writes_json_md_html_and_png(tmp_path):
 
 def test_plot_with_nothing_benchmarked_is_a_png_not_a_crash():
     # benchmark.runtimes: [] leaves no latency to put on the log axis
-    from compress.stages.report import plot_pareto
+    from compress.reporting import plot_pareto
 
     assert plot_pareto([], "empty")[:4] == b"\x89PNG"

@@ -1,6 +1,6 @@
 """The `pruned_not_faster` flag: a pruned model not faster than the model it was pruned from."""
 
-from compress.stages.report import int8_flags, pruned_flags, render_markdown
+from compress.reporting import int8_flags, pruned_flags, render_markdown
 
 
 def row(name, runtime, precision, p50s, parent=None, stage="distill"):
