@@ -482,6 +482,8 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         raise DeployError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     out = Path(out)
     run_dir, report = locate(source, runs, reports)
+    # First: the artifact must be a stage of this run (a plain directory name), before it is part of any path.
+    manifest = _stage_manifest(run_dir, artifact)
     sources = {"run directory": run_dir}
     if report is not None:
         sources["report directory"] = Path(report["_path"]).parent
@@ -503,7 +505,6 @@ def deploy(source: Path, artifact: str, target: str, out: Path, *, precision: st
         _check_replaceable(out)
         if not force:
             raise DeployError(f"--out {out} is not empty; pass --force to replace it")
-    manifest = _stage_manifest(run_dir, artifact)
     art = manifest.artifact
     native = "int8" if art.precision == "int8" else "fp32"
     if native == "int8" and precision not in (None, "int8"):
