@@ -145,6 +145,27 @@ def _lock(path: Path):
 def _build_locked(cfg: DataConfig, listed: tuple, target: Path, key: str, stats: list, why: str, log, progress,
                   processes) -> None:
     parent = target.parent
+    made = [d for d in (parent, *parent.parents) if not d.exists()]   # ours to remove if the build fails
+    try:
+        _build_in(cfg, listed, target, key, stats, why, log, progress, processes)
+    except BaseException:
+        # A failed build leaves nothing behind: not its temp folder (below), nor the lock file, nor the
+        # folders it made (a waiting process holds the unlinked lock; the rename still decides).
+        try:
+            (parent / f".{target.name}.lock").unlink(missing_ok=True)
+        except OSError:   # e.g. the folder could not be made at all
+            pass
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _build_in(cfg: DataConfig, listed: tuple, target: Path, key: str, stats: list, why: str, log, progress,
+              processes) -> None:
+    parent = target.parent
     with ExitStack() as stack:
         try:
             parent.mkdir(parents=True, exist_ok=True)
