@@ -387,6 +387,10 @@ def test_imagefolder_errors(tmp_path):
         build_data(cfg, CPU, 0)
     (tmp_path / "train" / "cat").mkdir()
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="one class subfolder"):   # a classifier needs two classes
+        build_data(cfg, CPU, 0)
+    (tmp_path / "train" / "dog").mkdir()
+    write_png(tmp_path / "train" / "dog" / "0.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(DataError, match=r"train/cat: no images \(.png"):
         build_data(cfg, CPU, 0)
     write_png(tmp_path / "train" / "cat" / "ok.png", np.zeros((4, 4), np.uint8))

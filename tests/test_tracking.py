@@ -95,7 +95,8 @@ def test_a_tracking_failure_is_a_warning_and_the_report_can_be_logged_later(trac
     (tmp_path / "p.yaml").write_text(PIPELINE.replace("tracking: mlflow", f"tracking: {{uri: '{bad}'}}"))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        again = run_cli(tmp_path / "p.yaml", tmp / "runs", tmp_path / "reports")
+        # another file with the same name reuses the fixture's stages: it must say so (--adopt, issue 17)
+        again = run_cli(tmp_path / "p.yaml", tmp / "runs", tmp_path / "reports", "--adopt")
     # The run itself succeeded (stages from cache, a fresh report): exit 0, one warning.
     assert again.exit_code == 0, (again.output, again.exception)
     stderr = " ".join(again.stderr.split())
