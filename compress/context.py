@@ -58,6 +58,12 @@ class Context:
     log: Callable[[str], None] = print
     progress: bool = True           # show progress bars
     checkpoint: Path | None = None  # training.fit resumes from / saves to this file (None: no resume)
+    # What the runner hands on to the stages after the model stages (each still `run(cfg, ctx)`):
+    artifact: Artifact | None = None                     # export: the artifact the stage just made
+    engines: dict = field(default_factory=dict)          # benchmark: {artifact: {precision: build status}}
+    rows: list = field(default_factory=list)             # report: the benchmark rows
+    stage_times: dict = field(default_factory=dict)      # report: wall seconds per stage, and "total"
+    pipeline_path: Path | None = None                    # report: the YAML the run came from
 
     def input_shape(self) -> tuple[int, int, int]:
         return (self.data.in_channels, *self.data.image_size)

@@ -224,7 +224,8 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
         if not main:  # rank 0 saved the model; it exports and records it, then shares the artifact
             artifacts[name] = distributed.broadcast(None)
             continue
-        artifact = export.run(cfg.export, ctx, artifact)
+        ctx.artifact = artifact
+        artifact = export.run(cfg.export, ctx)
         wall = time.perf_counter() - t0
         artifact.metrics["wall_seconds"] = round(wall, 2)
         stage_times[name] = wall
@@ -252,14 +253,15 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
     ctx = Context(run_dir=run_dir, stage_dir=run_dir, stage_name="benchmark", device=device, seed=cfg.seed,
                   data=data, inputs=list(artifacts.values()), teachers=[], artifacts=artifacts,
                   base_dir=base_dir, log=log, progress=progress)
-    engines = engine.run(cfg.engine, ctx)
-    rundir.record_engines(run_dir, engines)
+    ctx.engines = engine.run(cfg.engine, ctx)
+    rundir.record_engines(run_dir, ctx.engines)
     t0 = time.perf_counter()
-    rows = benchmark.run(cfg.benchmark, ctx, engines)
-    rows += ensemble.rows(ctx, rows, cfg.benchmark.accuracy_split)   # several teachers: their average too
+    rows = benchmark.run(cfg.benchmark, ctx)
+    ctx.rows = rows + ensemble.rows(ctx, rows, cfg.benchmark.accuracy_split)   # several teachers: their average
     stage_times["benchmark"] = time.perf_counter() - t0
     stage_times["total"] = time.perf_counter() - started
-    report_dir = report.run(cfg, ctx, rows, stage_times=stage_times, pipeline_path=pipeline_path)
+    ctx.stage_times, ctx.pipeline_path = stage_times, pipeline_path
+    report_dir = report.run(cfg, ctx)
     if cfg.tracking is not None:  # after the report is on disk: a tracking failure is a warning, never a lost run
         tracking.log_run(cfg.tracking, report_dir, run_dir.parent, log=log)
     return report_dir

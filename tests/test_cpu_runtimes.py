@@ -93,9 +93,9 @@ def _bench(tmp_path, runtimes, artifacts):
     from compress.stages import benchmark
 
     ctx = SimpleNamespace(data=_Data(), artifacts=artifacts, run_dir=tmp_path, device=torch.device("cpu"),
-                          base_dir=ROOT, log=lambda m: None)
+                          base_dir=ROOT, log=lambda m: None, engines={})
     cfg = BenchmarkConfig(runtimes=runtimes, batch_sizes=[2], warmup=1, iters=2, threads=1)
-    return benchmark.run(cfg, ctx, {})
+    return benchmark.run(cfg, ctx)
 
 
 def test_runtime_order_changes_no_accuracy_and_rows_are_checked_against_onnxruntime(tmp_path):

@@ -120,9 +120,9 @@ def test_run_writes_json_md_html_and_png(tmp_path):
     root = Path(__file__).parents[1]
     cfg = config.load(root / "pipelines/smoke.yaml", [f"report.dir={tmp_path / 'reports'}"])
     data = SimpleNamespace(summary=lambda: {"name": "synthetic", "preprocess": {"size": [16, 16], "channels": 1}})
-    ctx = SimpleNamespace(artifacts={}, run_dir=tmp_path / "runs" / "smoke", data=data)
-    out = report_stage.run(cfg, ctx, FLAG_ROWS, stage_times={"benchmark": 1.0, "total": 2.0},
-                           pipeline_path=root / "pipelines/smoke.yaml")
+    ctx = SimpleNamespace(artifacts={}, run_dir=tmp_path / "runs" / "smoke", data=data, rows=FLAG_ROWS,
+                          stage_times={"benchmark": 1.0, "total": 2.0}, pipeline_path=root / "pipelines/smoke.yaml")
+    out = report_stage.run(cfg, ctx)
     assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "report.html", "report.json", "report.md"]
     saved = json.loads((out / "report.json").read_text())
     assert len(saved["flags"]) == 2 and {"artifact", "runtime", "batch", "message"} <= set(saved["flags"][0])

@@ -25,3 +25,14 @@ def test_the_type_errors_name_every_row(tmp_path, body, text):
     with pytest.raises(ConfigError) as info:
         load(path)
     assert text in str(info.value) and f"expected one of: {', '.join(STAGE_TYPES)}" in str(info.value)
+
+
+@pytest.mark.parametrize("module, config", [("export", "ExportConfig"), ("engine", "EngineConfig"),
+                                            ("benchmark", "BenchmarkConfig"), ("report", "PipelineConfig")])
+def test_the_stages_after_the_models_share_it_too(module, config):
+    # what they need beyond their config (the artifact, engines, rows, stage times) comes in the context
+    from importlib import import_module
+
+    signature = inspect.signature(import_module(f"compress.stages.{module}").run)
+    assert list(signature.parameters) == ["cfg", "ctx"]
+    assert signature.parameters["cfg"].annotation == config and signature.parameters["ctx"].annotation == "Context"

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from compress.context import Artifact
+from compress.config import BenchmarkConfig
+from compress.context import Artifact, Context
 from compress.scoring import PARITY_IMAGES, blank_row, compare_outputs
 
 
@@ -26,7 +27,7 @@ def _latency_batch(data, split: str, b: int) -> torch.Tensor:
     return x
 
 
-def run(cfg, ctx, engines: dict[str, dict]) -> list[dict[str, Any]]:
+def run(cfg: BenchmarkConfig, ctx: Context) -> list[dict[str, Any]]:
     """Accuracy on the test split and latency at each batch size, for every artifact on every runtime.
 
     Each runtime scores in its own process: runtimes change process-wide floating-point state (an
@@ -34,8 +35,9 @@ def run(cfg, ctx, engines: dict[str, dict]) -> list[dict[str, Any]]:
     process), so no runtime may see another's leftovers, and the order of `runtimes` changes nothing.
     The images go to the workers in one file; each returns its rows and its logits on the parity
     images, which are compared with ONNX Runtime's (the reference) for the same artifact and precision.
+    TensorRT rows run the engines the engine stage built (`ctx.engines`).
     """
-    data = ctx.data
+    data, engines = ctx.data, ctx.engines
     tmp = Path(tempfile.mkdtemp(prefix=".benchmark-", dir=ctx.run_dir))
     by_runtime: dict[str, list[dict]] = {}
     try:

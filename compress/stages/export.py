@@ -9,8 +9,9 @@ from compress.context import Artifact, Context
 from compress.onnx_export import check_parity, export_onnx
 
 
-def run(cfg: ExportConfig, ctx: Context, artifact: Artifact) -> Artifact:
-    """Export a stage's PyTorch model to `model.onnx` and record its parity on test images."""
+def run(cfg: ExportConfig, ctx: Context) -> Artifact:
+    """Export the stage's PyTorch model (`ctx.artifact`) to `model.onnx` and record its parity on test images."""
+    artifact = ctx.artifact
     if artifact.path("model") is None:
         return artifact  # already ONNX (quantize writes its own QDQ model)
     model = ctx.load_model(artifact).eval()

@@ -7,12 +7,16 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
+from compress.config import PipelineConfig
+from compress.context import Context
 from compress.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from compress.reporting import (SCHEMA, int8_flags, parity_flags, plot_pareto, pruned_flags, render_html,
                                 render_markdown)
 
 
-def run(cfg, ctx, rows: list[dict], *, stage_times: dict, pipeline_path: Path) -> Path:
+def run(cfg: PipelineConfig, ctx: Context) -> Path:
+    """Write the report of `ctx.rows` (the benchmark rows) with `ctx.stage_times`; returns its directory."""
+    rows, stage_times, pipeline_path = ctx.rows, ctx.stage_times, Path(ctx.pipeline_path)
     from compress.runtime import machine_info
 
     out = Path(cfg.report.dir) / cfg.name
