@@ -503,7 +503,7 @@ def sweep(
     with _sigterm_as_ctrl_c():
         done = runner.run()
     batch = min(pcfg.benchmark.batch_sizes)
-    result = sw.combined_report(done, runner.objectives, cfg, pipeline, runner.out, batch)
+    result = sw.combined_report(done, runner.objectives, cfg, pipeline, runner.out, batch, runner.scope)
     for b in result["best"]:
         line = (f"best for '{b['objective']}': no trial meets it" if b.get("trial") is None else
                 f"best for '{b['objective']}': trial {b['trial']} {b['artifact']} ({b['runtime']} {b['precision']}) "

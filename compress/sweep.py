@@ -192,6 +192,23 @@ def _random_points(space: dict[str, list], n: int, seed: int) -> list[dict]:
     return points
 
 
+def changed_stages(cfg, keys) -> set[str]:
+    """The stages a space can change: those its keys name, and every stage downstream of them (through
+    `from:` and `teacher:`); every stage when a key is outside `stages` (data, export...)."""
+    names = set(cfg.stages)
+    changed = {k.split(".")[1] for k in keys if k.startswith("stages.") and k.count(".") >= 1}
+    if any(not k.startswith("stages.") for k in keys):
+        return names
+    grew = True
+    while grew:
+        grew = False
+        for name in names - changed:
+            if changed & set(cfg.inputs(name) + cfg.extra_inputs(name)):
+                changed.add(name)
+                grew = True
+    return changed
+
+
 def _sig(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
@@ -298,6 +315,8 @@ class Sweep:
         self.sweep, self.pipeline, self.cfg, self.out = sweep, pipeline, cfg, out
         self.runner, self.echo = runner, echo
         self.objectives = [parse_objective(t, list(cfg.benchmark.batch_sizes)) for t in sweep.objectives]
+        # objectives judge what the space changes: the teacher that every trial shares is no trial's result
+        self.scope = changed_stages(cfg, sweep.space)
         self.done: dict[str, Trial] = {}
         ledger = out / LEDGER
         if ledger.is_file():
@@ -319,7 +338,7 @@ class Sweep:
         return []   # tpe asks one at a time
 
     def _score(self, trial: Trial) -> float | None:
-        best = self.objectives[0].best(trial.rows)
+        best = self.objectives[0].best(in_scope(trial.rows, self.scope))
         return None if best is None else self.objectives[0].value(best)
 
     # -- running
@@ -430,6 +449,10 @@ class Sweep:
             study.tell(ot, score, state=None if score is not None else optuna.trial.TrialState.FAIL)
 
 
+def in_scope(rows: list[dict], scope: set[str] | None) -> list[dict]:
+    return rows if scope is None else [r for r in rows if r.get("name") in scope]
+
+
 def _fmt_params(params: dict) -> str:
     return ", ".join(f"{k.split('.')[-1]}={json.dumps(v)}" for k, v in params.items())
 
@@ -437,20 +460,23 @@ def _fmt_params(params: dict) -> str:
 # ----------------------------------------------------------------------------- the combined report
 
 def combined_report(trials: list[Trial], objectives: list[Objective], sweep: SweepConfig, pipeline: Path,
-                    out: Path, batch: int) -> dict:
-    """sweep.json, sweep.md and pareto.png in `out`; returns the JSON."""
+                    out: Path, batch: int, scope: set[str] | None = None) -> dict:
+    """sweep.json, sweep.md and pareto.png in `out`; returns the JSON.
+
+    `scope`: the artifacts the space changes (`changed_stages`); objectives are judged on them only.
+    """
     from compress.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from compress.reporting import pareto_front
 
     points = []   # (trial index, row) for every scored artifact of every trial
     for t in trials:
-        for r in t.rows:
+        for r in in_scope(t.rows, scope):   # the artifacts the trials differ in
             if column_value(r, "accuracy") is not None and column_value(r, f"latency_p50@{batch}") is not None:
                 points.append((t.index, r))
     front = pareto_front([(column_value(r, f"latency_p50@{batch}"), column_value(r, "accuracy")) for _, r in points])
     best = []
     for obj in objectives:
-        cands = [(t, obj.best(t.rows)) for t in trials if t.status == "ok"]
+        cands = [(t, obj.best(in_scope(t.rows, scope))) for t in trials if t.status == "ok"]
         cands = [(t, r) for t, r in cands if r is not None]
         if cands:
             t, r = (max if obj.sense == "max" else min)(cands, key=lambda c: obj.value(c[1]))
@@ -461,6 +487,7 @@ def combined_report(trials: list[Trial], objectives: list[Objective], sweep: Swe
     from compress.pipeline import versions
 
     result = {"schema": 1, "pipeline": str(pipeline), "sampler": sweep.sampler, "space": sweep.space,
+              "scope": sorted(scope) if scope is not None else None,
               "trials": [t.record() for t in trials], "best": best, "pareto_batch": batch,
               "pareto": [{"trial": points[i][0], "artifact": points[i][1]["name"], "runtime": points[i][1]["runtime"],
                           "precision": points[i][1]["precision"], "accuracy": points[i][1]["accuracy"],
@@ -508,9 +535,7 @@ def render_markdown(result: dict, batch: int) -> str:
     lines += ["", "## Trials", "", "| trial | " + " | ".join(k.split('.', 1)[-1] for k in keys)
               + " | status | trial s | artifact | stage s | runtime | precision | top-1 % | p50 ms |",
               "|---:|" + "---|" * len(keys) + "---|---:|---|---:|---|---|---:|---:|"]
-    touched = {k.split(".")[1] for k in keys if k.startswith("stages.") and k.count(".") >= 1}
-    if any(not k.startswith("stages.") for k in keys):   # data, export...: every artifact may have changed
-        touched = {r["name"] for t in result["trials"] for r in t["rows"]}
+    touched = set(result["scope"] or {r["name"] for t in result["trials"] for r in t["rows"]})
     for t in result["trials"]:
         settings = " | ".join(json.dumps(t["params"].get(k)) for k in keys)
         rows = [r for r in t["rows"] if r["name"] in touched and column_value(r, "accuracy") is not None

@@ -127,6 +127,15 @@ def test_killed_sweep_resumes_without_repeating_finished_trials_and_reports(tmp_
     assert "boom" not in md and "| 4 |" in md
 
 
+def test_objectives_judge_only_the_stages_the_space_changes(tmp_path):
+    cfg, pipeline, pcfg = sw.load(_files(tmp_path, SPACE))
+    assert sw.changed_stages(pcfg, ["stages.teacher.epochs"]) == {"teacher", "int8"}   # and what is made from it
+    assert sw.changed_stages(pcfg, ["stages.int8.calibration_size"]) == {"int8"}
+    assert sw.changed_stages(pcfg, ["data.batch_size"]) == {"teacher", "int8"}
+    trial = sw.Trial(0, {}, "ok", rows=[_row("teacher", 99.0, 1.0), _row("int8", 80.0, 0.5, precision="int8")])
+    assert sw.Sweep(cfg, pipeline, pcfg, tmp_path / "o")._score(trial) == 80.0   # not the shared teacher's 99
+
+
 def test_time_budget_stops_before_the_next_trial(tmp_path):
     body = SPACE + "time_budget_s: 0.000001\n"
     cfg, pipeline, pcfg = sw.load(_files(tmp_path, body))
