@@ -60,20 +60,23 @@ def int8_flags(rows: list[dict]) -> list[dict]:
             continue
         ref = next((ok[(name, r["runtime"], p)] for p in ("fp16", "fp32") for name in (r["name"], r["parent"])
                     if (name, r["runtime"], p) in ok), None)
-        if ref is None:
-            continue
-        for b in sorted(set(r["latency_ms"]) & set(ref["latency_ms"]), key=int):
-            mine, theirs = r["latency_ms"][b]["p50"], ref["latency_ms"][b]["p50"]
-            if mine >= theirs:
-                flags.append({
-                    "artifact": r["name"], "runtime": r["runtime"], "batch": int(b), "kind": "int8_not_faster",
-                    "reference": {"artifact": ref["name"], "precision": ref["precision"]},
-                    "p50_ms": mine, "reference_p50_ms": theirs,
-                    "message": f"INT8 is not faster than {ref['precision'].upper()} {ref['name']} on "
-                               f"{r['runtime']} at batch {b}: p50 {mine:.3f} ms vs {theirs:.3f} ms "
-                               f"({mine / max(theirs, 1e-9):.1f}x)",
-                })
+        if ref is not None:
+            flags += _not_faster(r, ref, "int8_not_faster", lambda b, mine, theirs: (
+                f"INT8 is not faster than {ref['precision'].upper()} {ref['name']} on {r['runtime']} at batch "
+                f"{b}: p50 {mine:.3f} ms vs {theirs:.3f} ms ({mine / max(theirs, 1e-9):.1f}x)"))
     return flags
+
+
+def _not_faster(r: dict, ref: dict, kind: str, message) -> list[dict]:
+    """A flag for each batch size at which row `r` is not faster (p50) than `ref` on the same runtime."""
+    out = []
+    for b in sorted(set(r["latency_ms"]) & set(ref["latency_ms"]), key=int):
+        mine, theirs = r["latency_ms"][b]["p50"], ref["latency_ms"][b]["p50"]
+        if mine >= theirs:
+            out.append({"artifact": r["name"], "runtime": r["runtime"], "batch": int(b), "kind": kind,
+                        "reference": {"artifact": ref["name"], "precision": ref["precision"]},
+                        "p50_ms": mine, "reference_p50_ms": theirs, "message": message(b, mine, theirs)})
+    return out
 
 
 def pruned_flags(rows: list[dict]) -> list[dict]:
@@ -82,19 +85,10 @@ def pruned_flags(rows: list[dict]) -> list[dict]:
     flags = []
     for r in _ok(rows):
         ref = ok.get((r.get("parent"), r["runtime"], r["precision"])) if r.get("stage") == "prune" else None
-        if ref is None:
-            continue
-        for b in sorted(set(r["latency_ms"]) & set(ref["latency_ms"]), key=int):
-            mine, theirs = r["latency_ms"][b]["p50"], ref["latency_ms"][b]["p50"]
-            if mine >= theirs:
-                flags.append({
-                    "artifact": r["name"], "runtime": r["runtime"], "batch": int(b), "kind": "pruned_not_faster",
-                    "reference": {"artifact": ref["name"], "precision": ref["precision"]},
-                    "p50_ms": mine, "reference_p50_ms": theirs,
-                    "message": f"pruned, but not faster than {ref['name']} ({ref['precision'].upper()}) on "
-                               f"{r['runtime']} at batch {b}: p50 {mine:.3f} ms vs {theirs:.3f} ms "
-                               f"({mine / max(theirs, 1e-9):.2f}x)",
-                })
+        if ref is not None:
+            flags += _not_faster(r, ref, "pruned_not_faster", lambda b, mine, theirs: (
+                f"pruned, but not faster than {ref['name']} ({ref['precision'].upper()}) on {r['runtime']} at "
+                f"batch {b}: p50 {mine:.3f} ms vs {theirs:.3f} ms ({mine / max(theirs, 1e-9):.2f}x)"))
     return flags
 
 
