@@ -143,8 +143,8 @@ def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
     """``torch.load(weights_only=True)`` with one-line errors: missing, truncated, or needing pickle."""
     path = Path(path)
     try:  # bytes first: a FIFO or device is refused, never read (torch.load would block on a FIFO)
-        return torch.load(io.BytesIO(read_regular_file(path, MAX_MODEL_BYTES, what)), map_location="cpu",
-                          weights_only=True)
+        data = io.BytesIO(read_regular_file(path, MAX_MODEL_BYTES, what))
+        return torch.load(data, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such {what}") from None
     except pickle.UnpicklingError as exc:

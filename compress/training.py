@@ -426,10 +426,11 @@ class _Trainer:
         """The config's `cpu_fast_path`; under `auto`, a fit resuming a checkpoint keeps the choice it started
         with (a probe now, e.g. after the cache was deleted, could pick another, and resume would not be exact)."""
         opts, model = self.opts, self.model
-        if opts.cpu_fast_path == "auto" and self.device.type == "cpu" and self.checkpoint is not None \
-                and self.checkpoint.is_file():
+        if opts.cpu_fast_path == "auto" and self.device.type == "cpu":
             try:
-                state = safe_load(self.checkpoint, "training checkpoint")
+                state = self.saved_state()
+                if state is None:
+                    raise KeyError("no checkpoint")
                 own, saved = model.state_dict(), state["model"]
                 if set(saved) == set(own) and all(saved[k].shape == own[k].shape for k in own):
                     return fastpath.FastPath(**{k: v for k, v in state["fast_path"].items() if k != "mode"})
@@ -439,12 +440,27 @@ class _Trainer:
                                self.batch_size // distributed.world(), device=self.device, amp=opts.amp,
                                steps=self.epochs * self.steps_per_epoch, log=lambda m: self.log(f"{self.desc}: {m}"))
 
+    def saved_state(self) -> dict | None:
+        """The checkpoint file's contents, read once (the fast-path choice and `resume` both need them);
+        None without a file; raises CheckpointError for one that cannot be read."""
+        if not hasattr(self, "_saved"):
+            try:
+                exists = self.checkpoint is not None and self.checkpoint.is_file()
+                self._saved = safe_load(self.checkpoint, "training checkpoint") if exists else None
+            except CheckpointError as exc:
+                self._saved = exc
+        if isinstance(self._saved, CheckpointError):
+            raise self._saved
+        return self._saved
+
     def resume(self) -> None:
         """Continue from the checkpoint file, if there is one this fit can use."""
-        if self.checkpoint is None or not self.checkpoint.is_file():
-            return
         try:
-            self.restore(safe_load(self.checkpoint, "training checkpoint"))
+            state = self.saved_state()
+            self._saved = None   # read once, restored once: not kept in memory for the whole fit
+            if state is None:
+                return
+            self.restore(state)
             self.good = self.snapshot()
             where = (f"epoch {self.prog.epoch + 1}, step {self.prog.step}/{self.steps_per_epoch}"
                      if self.prog.epoch < self.epochs else "the end of training")
