@@ -100,16 +100,17 @@ def erase(x: Tensor, boxes: Tensor, apply: Tensor, value: Tensor | float = 0.0) 
     return torch.where(mask, torch.as_tensor(value, dtype=x.dtype, device=x.device), x)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float | None = None) -> Tensor:
     """Blur each image with its own Gaussian of std `sigma` (B,) pixels; sigma 0 leaves it as it was.
 
     Separable: one horizontal and one vertical depthwise convolution over all images at once
     (each image-channel is its own group, so every image gets its own kernel), reflect-padded
-    so the borders do not darken. The kernel spans 3 sigma of the widest one in the batch.
+    so the borders do not darken. The kernel spans 3 sigma of `max_sigma` (the config's largest: a
+    fixed size, and no read of `sigma` from the device on the training step), else of the batch's widest.
     """
     b, c, h, w = x.shape
     x = x.float()
-    smax = float(sigma.max()) if sigma.numel() else 0.0
+    smax = max_sigma if max_sigma is not None else (float(sigma.max()) if sigma.numel() else 0.0)
     if smax <= 0:
         return x
     radius = max(1, min(math.ceil(3 * smax), (min(h, w) - 1)))

@@ -345,7 +345,7 @@ class DataModule:
                 elif name == "jitter" and bright is not None:
                     xb = brightness_contrast(xb, bright[pos], contrast[pos])
                 elif name == "blur" and sigma is not None:
-                    xb = gaussian_blur(xb, sigma[pos])
+                    xb = gaussian_blur(xb, sigma[pos], max_sigma=aug.blur_sigma[1])
                 elif name == "noise" and noise_std is not None:
                     xb = add_noise(xb, noise_std[pos], batch_noise(step, NOISE_SALT, xb))
             xb = self.normalize(xb)
