@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -232,26 +233,32 @@ def write_results(results: dict, out: Path) -> None:
         f"measured {results['finished']} (load average at the start {results['load_average_at_start']}, "
         f"at the end {m['load_average_1min']}).",
         f"Images: generated {s['image_size']} px JPEGs, {CLASSES} classes; training: {s['steps']} SGD steps of "
-        f"{s['model']} (batch {s['batch']}, crop + flip on the device) after {s['warmup']} warm-up steps; "
+        f"{s['model']} (batch {s['batch']}, crop + flip on the device) after {s['warmup']} warm-up steps, each in "
+        f"a fresh process; {s.get('repeats', 1)} interleaved runs per path and size (median img/s, highest peak); "
         f"cache path with {s['workers']} DataLoader workers. Peak memory: PSS summed over the process and its "
         f"children (sampled every 20 ms).",
         "",
-        "| images | uint8 data | cache build | build peak | memory: img/s | memory: peak | cache: img/s | cache: peak |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| images | uint8 data | cache build | build peak | memory: img/s | memory: peak | cache: img/s | cache: peak "
+        "| cache / memory img/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["sizes"]:
         lines.append(f"| {r['images']:,} | {r['memory']['dataset_mb']:,.0f} MB | {r['build']['seconds']:.1f} s "
                      f"({r['images'] / r['build']['seconds']:,.0f} img/s) | {r['build']['peak_mb']:,.0f} MB | "
                      f"{r['memory']['img_per_s']:,.1f} | {r['memory']['peak_mb']:,.0f} MB | "
-                     f"{r['cache']['img_per_s']:,.1f} | {r['cache']['peak_mb']:,.0f} MB |")
+                     f"{r['cache']['img_per_s']:,.1f} | {r['cache']['peak_mb']:,.0f} MB | "
+                     f"{r['cache']['img_per_s'] / r['memory']['img_per_s']:.2f}x |")
     t = results["targets"]
     lines += [
         "",
         f"* Cache path peak memory from {t['from_images']:,} to {t['to_images']:,} images: "
         f"{t['cache_peak_growth_pct']:+.1f}% (target < 10%: {'met' if t['peak_target_met'] else 'missed'}); "
         f"memory path: {t['memory_peak_growth_pct']:+.1f}%.",
-        f"* Training img/s of the cache path at {t['to_images']:,} images: {t['speed_ratio']:.2f}x the memory "
-        f"path's (target within 10%: {'met' if t['speed_target_met'] else 'missed'}).",
+        f"* Training img/s of the cache path, lowest over the sizes: {t['speed_ratio']:.2f}x the memory "
+        f"path's (target within 10% at every size: {'met' if t['speed_target_met'] else 'missed'}).",
+        "* Per-run img/s (memory / cache): " + "; ".join(
+            f"{r['images']:,}: {r['memory'].get('runs_img_per_s', [r['memory']['img_per_s']])} / "
+            f"{r['cache'].get('runs_img_per_s', [r['cache']['img_per_s']])}" for r in results["sizes"]) + ".",
         "",
         "Command: `" + results["command"] + "`",
         "",
@@ -286,6 +293,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="training measurements per path and size, interleaved "
+                                                          "(median img/s, highest peak)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--tiny", action="store_true", help="smoke test: 120/240/480 images at 32 px, 3 steps")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -295,7 +304,7 @@ def main() -> None:
         return
     if args.tiny:
         args.sizes, args.image_size, args.steps, args.warmup, args.batch = "120,240,480", 32, 3, 1, 16
-        args.threads = 1
+        args.threads, args.repeats = 1, 1
     if args.model is None:
         from compress.registry import list_models
 
@@ -316,17 +325,27 @@ def main() -> None:
                 "warmup": args.warmup, "threads": args.threads}
         row = {"images": n, "build": run_child({**spec, "mode": "build", "placement": "host"})}
         print(f"{n}: cache built in {row['build']['seconds']} s", flush=True)
-        for name, placement in (("memory", "device"), ("cache", "host")):
-            row[name] = run_child({**spec, "mode": "train", "placement": placement})
-            print(f"{n}: {name}: {row[name]['img_per_s']} img/s, peak {row[name]['peak_mb']} MB", flush=True)
+        runs = {"memory": [], "cache": []}
+        for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits both paths alike
+            for name, placement in (("memory", "device"), ("cache", "host")):
+                runs[name].append(run_child({**spec, "mode": "train", "placement": placement}))
+                print(f"{n}: {name}: {runs[name][-1]['img_per_s']} img/s, peak {runs[name][-1]['peak_mb']} MB",
+                      flush=True)
+        for name, measured in runs.items():
+            row[name] = {**measured[0], "img_per_s": statistics.median(r["img_per_s"] for r in measured),
+                         "peak_mb": max(r["peak_mb"] for r in measured),
+                         "max_rss_mb": max(r["max_rss_mb"] for r in measured),
+                         "runs_img_per_s": [r["img_per_s"] for r in measured]}
+        row["speed_ratio"] = round(row["cache"]["img_per_s"] / row["memory"]["img_per_s"], 3)
         rows.append(row)
     first, last = rows[0], rows[-1]
     growth = lambda key: 100 * (last[key]["peak_mb"] / first[key]["peak_mb"] - 1)  # noqa: E731
-    ratio = last["cache"]["img_per_s"] / last["memory"]["img_per_s"]
+    ratio = min(r["speed_ratio"] for r in rows)  # the target holds at every size, not only the largest
     results = {
         "machine": machine(),
         "settings": {"image_size": args.image_size, "model": args.model, "batch": args.batch, "steps": args.steps,
-                     "warmup": args.warmup, "workers": args.workers, "threads": args.threads, "tiny": args.tiny},
+                     "warmup": args.warmup, "workers": args.workers, "threads": args.threads, "repeats": args.repeats,
+                     "tiny": args.tiny},
         "sizes": rows,
         "targets": {"from_images": first["images"], "to_images": last["images"],
                     "cache_peak_growth_pct": round(growth("cache"), 1),

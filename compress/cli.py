@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 import threading
@@ -20,7 +21,6 @@ CRASH_DIR_ENV = "COMPRESS_CRASH_DIR"  # where tracebacks and library warnings go
 
 
 def _crash_dir() -> Path:
-    import os
     import tempfile
 
     default = Path(tempfile.gettempdir()) / f"compress-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
@@ -72,6 +72,29 @@ def _library_warnings_to(path: Path):
         root.removeHandler(log_handler)
 
 
+def _broken_pipe(exc: BaseException) -> bool:
+    """Did the reader of our stdout go away? Directly, or as typer reports it: sys.exit(1) while
+    handling an EPIPE."""
+    seen = exc
+    for _ in range(3):
+        if isinstance(seen, OSError) and seen.errno == errno.EPIPE:
+            return True
+        seen = seen.__context__
+        if seen is None:
+            return False
+    return False
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout has gone: point stdout at /dev/null so that the interpreter's final
+    flush cannot raise again (the recipe in Python's signal documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 class _Boundary(typer.core.TyperGroup):
     """The CLI boundary: whatever happens inside a command, the user sees at most one line on stderr.
 
@@ -89,6 +112,7 @@ class _Boundary(typer.core.TyperGroup):
         try:
             with _library_warnings_to(_crash_dir() / "warnings.log"):
                 code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+                sys.stdout.flush()  # a reader gone away shows here, not in the interpreter's exit
             code = code if isinstance(code, int) else 0
         except NoArgsIsHelpError as exc:
             typer.echo(exc.format_message())  # `compress` alone: the help text, as before
@@ -101,10 +125,14 @@ class _Boundary(typer.core.TyperGroup):
         except Abort:
             console.print("[bold yellow]stopped:[/] interrupted", soft_wrap=True)
             code = EXIT_INTERRUPTED
-        except SystemExit as exc:  # never ours (commands end with typer.Exit): a user module or a library
-            console.print(f"[bold red]error:[/] `compress {command}` was ended by sys.exit({exc.code!r}) from "
-                          f"{_exit_origin(exc)}; nothing it would have written was written", soft_wrap=True)
-            code = 1
+        except (BrokenPipeError, SystemExit) as exc:
+            if not _broken_pipe(exc):  # a SystemExit is never ours (commands end with typer.Exit)
+                console.print(f"[bold red]error:[/] `compress {command}` was ended by sys.exit({exc.code!r}) from "
+                              f"{_exit_origin(exc)}; nothing it would have written was written", soft_wrap=True)
+                code = 1
+            else:  # `compress validate x.yaml | head -1`: the reader has what it wanted; no error line
+                _quiet_stdout()
+                code = EXIT_BROKEN_PIPE
         except KeyboardInterrupt:
             console.print("[bold yellow]stopped:[/] interrupted", soft_wrap=True)
             code = EXIT_INTERRUPTED
@@ -125,7 +153,6 @@ def _exit_origin(exc: BaseException) -> str:
 
 def _crash_line(command: str, exc: BaseException) -> str:
     """One line for an unexpected exception; its full traceback goes to a file the line names."""
-    import os
     import time
     import traceback
 
@@ -180,6 +207,7 @@ is exported to ONNX, checked, benchmarked on every runtime and summarized in a r
 console = Console(stderr=True, highlight=False)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as shells report a process whose reader went away
 # Storage problems are the user's to fix (free space, permissions), not bugs: one line, exit 2.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 

@@ -144,6 +144,8 @@ class AugmentConfig(Strict):
 
 MAX_IMAGE_SIZE, MAX_CHANNELS = 4096, 64
 MAX_BATCH = 1 << 16  # a larger batch does not fit any accelerator; it fails later, allocating
+MAX_LR = 10.0  # above this every optimizer here diverges in a step or two: a typo (1e300), not a recipe
+MAX_TEMPERATURE = 100.0  # KD softmax temperature: at 100 the soft targets are already uniform to 1e-3
 
 
 def _physical_memory() -> int | None:
@@ -240,9 +242,9 @@ class OptimConfig(Strict):
     """How a stage trains (train, distill, and the fine-tuning after pruning)."""
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    lr: float = Field(0.1, gt=0, le=MAX_LR, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_epochs: float = Field(0.0, ge=0, description="cosine, constant: linear warm-up from 0 over these epochs; "
                                                          "onecycle: the length of its rise from lr/10 (default a "
@@ -350,7 +352,7 @@ class KDConfig(Strict):
     method: Literal["kd", "dkd", "dist", "logit_std", "none"] = Field(
         "kd", description="logit distillation: kd (Hinton), dkd (decoupled), dist (correlations), logit_std "
                           "(z-scored KD), none (cross-entropy only, plus `features`)")
-    temperature: float | None = Field(None, gt=0, description="softmax temperature (default per method)")
+    temperature: float | None = Field(None, gt=0, le=MAX_TEMPERATURE, description="softmax temperature (default per method)")
     alpha: float | None = Field(None, ge=0, description="weight of the logit distillation term (default per method)")
     ce_weight: float | None = Field(None, ge=0, description="weight of cross-entropy on the labels (default: "
                                                             "kd 1 - alpha, dkd and dist 1, logit_std 0.1)")
@@ -468,7 +470,7 @@ class PruneStage(OptimConfig, KDConfig):
     finetune_epochs: int = Field(1, ge=0, description="KD fine-tuning epochs after the last round")
     teacher: str | list[str] | None = Field(None, description="stage(s) to distill from while fine-tuning "
                                                            "(default: the teacher of the pruned model)")
-    lr: float = Field(0.02, gt=0)
+    lr: float = Field(0.02, gt=0, le=MAX_LR)
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -516,10 +518,10 @@ class QuantizeStage(OptimConfig):
                                                        "does not call for it (fills layers.md's sensitivity column)")
     # qat only: fine-tuning of the fake-quantized model (on TensorRT's int8 grid) against the teacher
     epochs: int = Field(1, ge=1, description="qat: fine-tuning epochs")
-    lr: float = Field(0.002, gt=0)
+    lr: float = Field(0.002, gt=0, le=MAX_LR)
     schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    temperature: float = Field(4.0, gt=0, description="qat: KD temperature")
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0, le=MAX_TEMPERATURE, description="qat: KD temperature")
     alpha: float = Field(0.9, ge=0, le=1, description="qat: weight of KD; 1-alpha goes to cross-entropy")
     teacher: str | list[str] | None = Field(None, description="qat: stage(s) to distill from (default: the "
                                                            "teacher of the quantized model)")
@@ -613,6 +615,10 @@ class BenchmarkConfig(Strict):
     batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = [1, 64]
     warmup: int = Field(10, ge=0)
     iters: int = Field(50, ge=1)
+    rounds: int = Field(5, ge=1, le=100, description="the timed iterations are split into this many rounds, "
+                                                      "interleaved over the runtime's artifacts (each round "
+                                                      "re-warmed), so a slow spell of the machine lands on every "
+                                                      "artifact alike instead of on one")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (default: torch's default)")
     accuracy_split: Literal["test", "val"] = "test"
     cpu_fast_path: Literal["auto", "off", "channels_last", "bf16", "bf16_channels_last"] = Field(

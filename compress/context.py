@@ -63,6 +63,7 @@ class Context:
     engines: dict = field(default_factory=dict)          # benchmark: {artifact: {precision: build status}}
     rows: list = field(default_factory=list)             # report: the benchmark rows
     stage_times: dict = field(default_factory=dict)      # report: wall seconds per stage, and "total"
+    reused: frozenset = frozenset()                      # report: the stages taken from the cache this run
     pipeline_path: Path | None = None                    # report: the YAML the run came from
 
     def input_shape(self) -> tuple[int, int, int]:

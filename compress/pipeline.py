@@ -185,6 +185,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
 
     artifacts: dict[str, Artifact] = {}
     stage_times: dict[str, float] = {}
+    reused: set[str] = set()
     base_dir = pipeline_path.parent
     for name in cfg.order():
         stage_cfg = cfg.stages[name]
@@ -197,6 +198,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
             if cached is not None:
                 artifacts[name] = cached
                 stage_times[name] = 0.0
+                reused.add(name)
                 log(f"[{name}] unchanged since the last run (cache key {key[:12]}): skipped")
                 continue
             if why:
@@ -260,7 +262,7 @@ def _run_locked(cfg: PipelineConfig, run_dir: Path, pipeline_path: Path, force: 
     ctx.rows = rows + ensemble.rows(ctx, rows, cfg.benchmark.accuracy_split)   # several teachers: their average
     stage_times["benchmark"] = time.perf_counter() - t0
     stage_times["total"] = time.perf_counter() - started
-    ctx.stage_times, ctx.pipeline_path = stage_times, pipeline_path
+    ctx.stage_times, ctx.pipeline_path, ctx.reused = stage_times, pipeline_path, frozenset(reused)
     report_dir = report.run(cfg, ctx)
     if cfg.tracking is not None:  # after the report is on disk: a tracking failure is a warning, never a lost run
         tracking.log_run(cfg.tracking, report_dir, run_dir.parent, log=log)

@@ -159,10 +159,11 @@ def stages_table(report: dict) -> tuple[list[str], list[list[str]]]:
     for name, s in report["stages"].items():
         parity = s.get("onnx_parity") or {}
         diff, agree, val = parity.get("max_abs_diff"), parity.get("top1_agreement"), s.get("best_accuracy")
-        fast = (s.get("metrics") or {}).get("fast_path") or {}   # compress.fastpath: fp32, channels_last, bf16...
+        metrics = s.get("metrics") or {}   # compress.fastpath: fp32, channels_last, bf16...; QAT's under "qat"
+        fast = metrics.get("fast_path") or (metrics.get("qat") or {}).get("fast_path") or {}
         body.append([name, s["type"], ", ".join(s["from"]) or "-", "-" if val is None else f"{val:.2f}",
                      "-" if diff is None else f"{diff:.2e}", "-" if agree is None else f"{agree * 100:.1f}%",
-                     f"{s['wall_seconds']:.1f}", fast.get("mode", "-")])
+                     _stage_wall(s), fast.get("mode", "-")])
     return head, body
 
 
@@ -171,12 +172,21 @@ def _machine_details(machine: dict) -> str:
     return f"({cores} cores, torch threads {machine.get('torch_threads')}), GPU: {machine.get('gpu') or 'none'}"
 
 
+def _stage_wall(stage: dict) -> str:
+    if stage.get("reused") and stage.get("built_seconds"):
+        return f"reused ({stage['built_seconds']:.1f} when built)"
+    return f"{stage['wall_seconds']:.1f}"
+
+
 def _wall_line(report: dict) -> str:
     total = report["wall_seconds"].get("total")
     if not total:
         return ""
-    return (f"Benchmark: {report['wall_seconds'].get('benchmark', 0):.1f} s. "
-            f"Whole run: {total:.1f} s (stages reused from cache count 0).")
+    reused = [s for s in report["stages"].values() if s.get("reused")]
+    built = sum(s.get("built_seconds") or 0.0 for s in reused)
+    note = (f" ({len(reused)} of {len(report['stages'])} stages reused from the cache; building them took "
+            f"{built:.1f} s)" if reused else "")
+    return f"Benchmark: {report['wall_seconds'].get('benchmark', 0):.1f} s. Whole run: {total:.1f} s{note}."
 
 
 def plot_pareto(rows: list[dict], title: str) -> bytes:

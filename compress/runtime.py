@@ -283,7 +283,7 @@ def make_runner(runtime: str, artifact_files: dict[str, str], precision: str = "
 # ----------------------------------------------------------------------------- measuring
 
 def measure_latency(runner: Runner, batch: torch.Tensor, warmup: int = 10, iters: int = 50,
-                    min_time_s: float = 0.0) -> dict[str, Any]:
+                    min_time_s: float = 0.0, keep_times: bool = False) -> dict[str, Any]:
     """Per-iteration latency of ``runner(batch)`` in milliseconds, after ``warmup`` untimed calls.
 
     Runs ``iters`` timed calls, more if they add up to less than ``min_time_s``. GPU work on
@@ -318,17 +318,20 @@ def measure_latency(runner: Runner, batch: torch.Tensor, warmup: int = 10, iters
             runner.sync()
             times.append((time.perf_counter_ns() - t0) / 1e6)
 
+    stats = latency_stats(times, b)
+    stats.update(timer=timer, includes_copies=bool(runner.includes_copies))
+    if keep_times:
+        stats["times_ms"] = times
+    return stats
+
+
+def latency_stats(times: list[float], batch: int) -> dict[str, Any]:
+    """p50/p90/p99/mean/min of per-call times (ms); throughput is images per second at the mean."""
     t = np.asarray(times, dtype=np.float64)
     p50, p90, p99 = np.percentile(t, [50, 90, 99])
     mean = float(t.mean())
-    return {
-        "batch": b,
-        "p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": mean, "min": float(t.min()),
-        "throughput_ips": b * 1000.0 / mean,
-        "iters": len(times),
-        "timer": timer,
-        "includes_copies": bool(runner.includes_copies),
-    }
+    return {"batch": batch, "p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": mean,
+            "min": float(t.min()), "throughput_ips": batch * 1000.0 / mean, "iters": len(times)}
 
 
 def evaluate(runner: Runner, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:

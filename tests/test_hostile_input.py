@@ -118,6 +118,19 @@ def test_a_huge_value_is_bounded(tmp_path):
     assert len(line) < 400
 
 
+
+@pytest.mark.parametrize("setting,expect", [
+    ("stages.t.lr=1e300", "stages.t.lr: expected less than or equal to 10"),
+    ("stages.t.weight_decay=5", "stages.t.weight_decay: expected less than or equal to 1"),
+    ("benchmark.rounds=0", "benchmark.rounds: expected greater than or equal to 1"),
+    ("benchmark.rounds=1000", "benchmark.rounds: expected less than or equal to 100"),
+    ("benchmark.rounds=true", "benchmark.rounds: expected a number, got the boolean true"),
+])
+def test_out_of_range_numbers_are_refused_before_training(tmp_path, setting, expect):
+    """lr: 1e300 is finite, so it passed the non-finite check and ended later in the NaN handling (exit 1);
+    benchmark.rounds is the benchmark's interleaving (at least one round)."""
+    both(tmp_path, write(tmp_path, TINY + STAGE), setting, expect=expect)
+
 # ---------------------------------------------------------------------------------------------- item 8: silently accepted
 
 def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
@@ -305,6 +318,28 @@ def test_an_unexpected_exception_is_one_line_naming_the_traceback_file(tmp_path,
     monkeypatch.setattr(config, "load", exits)
     one_line(cli("validate", "p.yaml"), 1, "was ended by sys.exit(0)")
 
+
+
+def test_a_reader_that_went_away_is_not_an_error(tmp_path):
+    """`compress validate p.yaml | head -1`: stdout's reader has closed its end; no error line, and
+    the shell's code for a process ended by SIGPIPE (141), as `cat` would give."""
+    import subprocess
+    import sys
+
+    (tmp_path / "p.yaml").write_text(TINY + STAGE)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "compress", "validate", "p.yaml"], cwd=tmp_path, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "COMPRESS_CRASH_DIR": str(tmp_path / "crash")})
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+    # With the reader there, the same command prints its line and exits 0.
+    ok = subprocess.run([sys.executable, "-m", "compress", "validate", "p.yaml"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0 and "p.yaml: ok" in ok.stdout, ok.stderr
 
 def test_library_warnings_go_to_a_log_file(tmp_path, monkeypatch):
     import warnings

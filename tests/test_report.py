@@ -121,7 +121,8 @@ def test_run_writes_json_md_html_and_png(tmp_path):
     cfg = config.load(root / "pipelines/smoke.yaml", [f"report.dir={tmp_path / 'reports'}"])
     data = SimpleNamespace(summary=lambda: {"name": "synthetic", "preprocess": {"size": [16, 16], "channels": 1}})
     ctx = SimpleNamespace(artifacts={}, run_dir=tmp_path / "runs" / "smoke", data=data, rows=FLAG_ROWS,
-                          stage_times={"benchmark": 1.0, "total": 2.0}, pipeline_path=root / "pipelines/smoke.yaml")
+                          stage_times={"benchmark": 1.0, "total": 2.0}, pipeline_path=root / "pipelines/smoke.yaml",
+                          reused=frozenset())
     out = report_stage.run(cfg, ctx)
     assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "report.html", "report.json", "report.md"]
     saved = json.loads((out / "report.json").read_text())
@@ -136,3 +137,36 @@ def test_plot_with_nothing_benchmarked_is_a_png_not_a_crash():
     from compress.reporting import plot_pareto
 
     assert plot_pareto([], "empty")[:4] == b"\x89PNG"
+
+
+def test_stages_table_names_the_fast_path_of_a_qat_stage():
+    """QAT's training facts sit under metrics.qat; its fast path is the stage's as much as a train stage's."""
+    from compress.reporting import stages_table
+
+    base = {"from": ["t"], "wall_seconds": 1.0, "onnx_parity": None, "best_accuracy": None}
+    report = {"stages": {
+        "t": {**base, "from": [], "type": "train", "metrics": {"fast_path": {"mode": "channels_last"}}},
+        "q": {**base, "type": "quantize", "metrics": {"qat": {"fast_path": {"mode": "bf16"}}}},
+        "p": {**base, "type": "quantize", "metrics": {"backend": "nncf"}},   # PTQ: no training, no fast path
+    }}
+    head, body = stages_table(report)
+    column = head.index("trained with")
+    assert [row[column] for row in body] == ["channels_last", "bf16", "-"]
+
+
+def test_a_rerun_reports_reused_stages_with_the_time_they_took_to_build():
+    """Run again, a pipeline reuses its stages: the report says so and keeps what building them cost."""
+    from compress.reporting import _wall_line, stages_table
+
+    stages = {"t": {"type": "train", "from": [], "wall_seconds": 0.0, "reused": True, "built_seconds": 409.0,
+                    "onnx_parity": None, "best_accuracy": 90.9, "metrics": {}},
+              "p": {"type": "prune", "from": ["t"], "wall_seconds": 12.5, "reused": False, "built_seconds": 12.5,
+                    "onnx_parity": None, "best_accuracy": 88.0, "metrics": {}}}
+    head, body = stages_table({"stages": stages})
+    wall = head.index("wall s")
+    assert [row[wall] for row in body] == ["reused (409.0 when built)", "12.5"]
+    line = _wall_line({"stages": stages, "wall_seconds": {"benchmark": 90.0, "total": 110.0}})
+    assert line == ("Benchmark: 90.0 s. Whole run: 110.0 s (1 of 2 stages reused from the cache; building them took "
+                    "409.0 s).")
+    stages["t"]["reused"] = False
+    assert _wall_line({"stages": stages, "wall_seconds": {"benchmark": 90.0, "total": 110.0}}).endswith("110.0 s.")

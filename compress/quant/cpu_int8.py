@@ -129,6 +129,7 @@ def write_cpu_form(fp32_onnx: bytes | str | os.PathLike, calib_images: torch.Ten
         Path(out_path).unlink(missing_ok=True)
         log(f"CPU INT8 form not kept: {acc:.2f}% top-1, {drop:.2f} points under FP32 (limit {max_drop})")
     else:
-        log(f"CPU INT8 form (QDQ u8s8, int32 bias): {acc:.2f}% top-1"
-            + (f", {drop:+.2f} points under FP32" if drop is not None else ""))
+        versus = "" if drop is None else (f", {drop:.2f} points under FP32" if drop >= 0
+                                          else f", {-drop:.2f} points above FP32")
+        log(f"CPU INT8 form (QDQ u8s8, int32 bias): {acc:.2f}% top-1{versus}")
     return {**info, "accuracy": round(acc, 4), "accuracy_drop": drop, "max_drop": max_drop, "shipped": shipped}

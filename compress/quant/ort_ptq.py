@@ -29,14 +29,20 @@ CALIBRATORS = {
 def _quiet_ort():
     """quantize_static logs a pre-processing hint on the root logger and the histogram calibrators print
     their settings; the exporter already folded BatchNorm and constants, which that pre-processing adds."""
+    import onnxruntime
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    # The calibrators' own sessions warn once per unused initializer (tens of lines per model, on
+    # stderr, from C++); errors only while we quantize, then ORT's default (warning) again.
+    onnxruntime.set_default_logger_severity(3)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         root.setLevel(level)
+        onnxruntime.set_default_logger_severity(2)
 
 
 def ort_qdq(fp32_onnx: bytes | str | os.PathLike, calib_images: torch.Tensor, *, subset_size: int = 300,

@@ -26,6 +26,8 @@ def run(cfg: PipelineConfig, ctx: Context) -> Path:
                         "best_accuracy": art.metrics.get("best_accuracy"),
                         "onnx_parity": art.metrics.get("onnx_parity"),
                         "wall_seconds": round(stage_times.get(name, 0.0), 2),
+                        # taken from the cache: this run spent nothing on it; the run that built it did
+                        "reused": name in ctx.reused, "built_seconds": art.metrics.get("wall_seconds"),
                         "metrics": {k: v for k, v in art.metrics.items() if k != "history"}}
     report = {
         "schema": SCHEMA,
