@@ -129,9 +129,15 @@ def probe_fast_path(model_name: str, data: DataModule, opts: OptimConfig, device
 
 def stage_times(report_path: Path) -> dict:
     report = json.loads(report_path.read_text())
-    stages = {name: {"type": s.get("type"), "model": s.get("model"), "wall_seconds": report["wall_seconds"].get(name),
-                     "train_images_per_s": (s.get("metrics") or {}).get("train_images_per_s"),
-                     "fast_path": ((s.get("metrics") or {}).get("fast_path") or {}).get("mode")}
+    def trained(s: dict) -> dict:   # a QAT stage keeps its training facts under metrics.qat
+        metrics = s.get("metrics") or {}
+        return metrics if "fast_path" in metrics else (metrics.get("qat") or {})
+
+    stages = {name: {"type": s.get("type"), "model": s.get("model"),
+                     # a stage reused from the cache: what building it took (the run that did)
+                     "wall_seconds": s.get("built_seconds") if s.get("reused") else report["wall_seconds"].get(name),
+                     "train_images_per_s": trained(s).get("train_images_per_s"),
+                     "fast_path": (trained(s).get("fast_path") or {}).get("mode")}
               for name, s in report["stages"].items()}
     return {"report": str(report_path.relative_to(ROOT) if report_path.is_relative_to(ROOT) else report_path),
             "pipeline": report.get("pipeline", {}).get("name") if isinstance(report.get("pipeline"), dict) else None,
