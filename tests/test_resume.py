@@ -224,9 +224,11 @@ def test_nan_forever_fails_the_stage_and_saves_nothing_bad(data, tmp_path):
 
 
 def test_absurd_learning_rate_fails_clearly(data):
+    # A config refuses lr above 10 (compress.config.MAX_LR), which these tiny nets survive; fit's own
+    # handling is for whatever diverges anyway, so it gets an lr no config would pass.
     with pytest.raises(StageError, match="non-finite losses in a row .* did not help; lower lr "
                                          r"\(the config has 1e\+12\)"):
-        fit(Net(), data, OptimConfig(lr=1e12, schedule="constant"), 2, device=CPU, progress=False,
+        fit(Net(), data, OptimConfig.model_construct(lr=1e12, schedule="constant"), 2, device=CPU, progress=False,
             log=lambda m: None, max_rollbacks=1)
 
 
@@ -314,8 +316,17 @@ def test_divergence_is_one_line_exit_1_and_leaves_no_model(tmp_path):
 
     from compress.cli import app
 
+    # A model that diverges whatever the lr (its training-mode logits overflow): the config's lr is
+    # bounded (<= 10) and the tiny nets here survive lr 10.
+    (tmp_path / "blowup.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Blowup(nn.Module):\n"
+        "    def __init__(self, num_classes=10, in_channels=1):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(in_channels * 64, num_classes)\n\n"
+        "    def forward(self, x):\n        out = self.fc(x.flatten(1))\n"
+        "        return out * float('inf') if self.training else out\n")
     path = tmp_path / "p.yaml"
-    path.write_text(CACHE_YAML.replace("lr: 0.05}\n  student", "lr: 1.0e+12, schedule: constant}\n  student"))
+    path.write_text(CACHE_YAML.replace("model: resnet8, epochs: 1, lr: 0.05}\n  student",
+                                       "model: blowup.py:Blowup, epochs: 1, lr: 0.05}\n  student"))
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "runs"),
                                       "--reports", str(tmp_path / "reports")])
     assert result.exit_code == 1, (result.output, result.exception)
