@@ -52,6 +52,7 @@ from compress.data import LOADERS, DataModule  # noqa: E402
 from compress.io import atomic_write_json, atomic_write_text  # noqa: E402
 from compress.pipeline import resolve_device  # noqa: E402
 from compress.registry import create_model  # noqa: E402
+from compress.reporting import training_facts  # noqa: E402
 from compress.runtime import machine_info  # noqa: E402
 from compress.training import fit  # noqa: E402
 
@@ -129,15 +130,11 @@ def probe_fast_path(model_name: str, data: DataModule, opts: OptimConfig, device
 
 def stage_times(report_path: Path) -> dict:
     report = json.loads(report_path.read_text())
-    def trained(s: dict) -> dict:   # a QAT stage keeps its training facts under metrics.qat
-        metrics = s.get("metrics") or {}
-        return metrics if "fast_path" in metrics else (metrics.get("qat") or {})
-
     stages = {name: {"type": s.get("type"), "model": s.get("model"),
                      # a stage reused from the cache: what building it took (the run that did)
                      "wall_seconds": s.get("built_seconds") if s.get("reused") else report["wall_seconds"].get(name),
-                     "train_images_per_s": trained(s).get("train_images_per_s"),
-                     "fast_path": (trained(s).get("fast_path") or {}).get("mode")}
+                     "train_images_per_s": training_facts(s.get("metrics") or {}).get("train_images_per_s"),
+                     "fast_path": (training_facts(s.get("metrics") or {}).get("fast_path") or {}).get("mode")}
               for name, s in report["stages"].items()}
     return {"report": str(report_path.relative_to(ROOT) if report_path.is_relative_to(ROOT) else report_path),
             "pipeline": report.get("pipeline", {}).get("name") if isinstance(report.get("pipeline"), dict) else None,

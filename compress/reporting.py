@@ -152,6 +152,12 @@ def parity_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def training_facts(metrics: dict) -> dict:
+    """The part of a stage's metrics that `fit` wrote (fast path, images/s, history): the metrics
+    themselves for train/distill/prune, `metrics.qat` for a QAT quantize stage, {} for PTQ."""
+    return metrics if "fast_path" in metrics else (metrics.get("qat") or {})
+
+
 def stages_table(report: dict) -> tuple[list[str], list[list[str]]]:
     head = ["stage", "type", "from", "best val top-1 %", "ONNX max abs diff", "ONNX top-1 agreement", "wall s",
             "trained with"]
@@ -159,8 +165,7 @@ def stages_table(report: dict) -> tuple[list[str], list[list[str]]]:
     for name, s in report["stages"].items():
         parity = s.get("onnx_parity") or {}
         diff, agree, val = parity.get("max_abs_diff"), parity.get("top1_agreement"), s.get("best_accuracy")
-        metrics = s.get("metrics") or {}   # compress.fastpath: fp32, channels_last, bf16...; QAT's under "qat"
-        fast = metrics.get("fast_path") or (metrics.get("qat") or {}).get("fast_path") or {}
+        fast = training_facts(s.get("metrics") or {}).get("fast_path") or {}   # fp32, channels_last, bf16...
         body.append([name, s["type"], ", ".join(s["from"]) or "-", "-" if val is None else f"{val:.2f}",
                      "-" if diff is None else f"{diff:.2e}", "-" if agree is None else f"{agree * 100:.1f}%",
                      _stage_wall(s), fast.get("mode", "-")])
