@@ -511,8 +511,8 @@ def sweep(
 
     **Examples**
 
-    * `compress sweep pipelines/sweep-prune-quant.yaml`
-    * `compress sweep pipelines/sweep-prune-quant.yaml --objective "max accuracy s.t. latency_p50@1<0.3ms"`
+    * `compress sweep pipelines/sweeps/prune-quant.yaml`
+    * `compress sweep pipelines/sweeps/prune-quant.yaml --objective "max accuracy s.t. latency_p50@1<0.3ms"`
     """
     from compress import sweep as sw
 

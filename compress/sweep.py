@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -244,7 +245,7 @@ def load(path: str | Path) -> tuple[SweepConfig, Path, Any]:
             close = difflib.get_close_matches(str(err["loc"][-1]), list(SweepConfig.model_fields), n=1)
             msg = f"unknown key{'; did you mean ' + repr(close[0]) + '?' if close else ''}"
         raise SweepError(f"{path}: {loc}: {msg}") from None
-    pipeline = (path.parent / sweep.pipeline) if not sweep.pipeline.is_absolute() else sweep.pipeline
+    pipeline = Path(os.path.normpath(path.parent / sweep.pipeline)) if not sweep.pipeline.is_absolute() else sweep.pipeline
     try:
         cfg = pconfig.load(pipeline)
         # Every choice must make a valid pipeline on its own: an unknown key names the closest one, here,
@@ -303,8 +304,53 @@ def run_trial_subprocess(pipeline: Path, sets: list[str], run_root: Path, report
         raise RuntimeError(f"compress run exited {rc}: {tail[0][:300]}")
     report = json.loads(reports[0].read_text())
     stages = {n: st.get("wall_seconds") for n, st in (report.get("stages") or {}).items() if isinstance(st, dict)}
-    # each artifact row carries its stage's wall time: the cost side of a recipe (0 when reused from cache)
-    return [{**_compact(r), "stage_seconds": stages.get(r.get("name"))} for r in report.get("artifacts", [])]
+    # each artifact row carries its stage's wall time: the cost side of a recipe (0 when reused from cache),
+    # and the sha256 of the file it timed: the same file in several trials is one artifact, measured again
+    from compress.io import sha256_file
+
+    rows = []
+    for r in report.get("artifacts", []):
+        file = Path(r["file"]) if r.get("file") else None
+        sha = sha256_file(file) if file is not None and file.is_file() else None
+        rows.append({**_compact(r), "stage_seconds": stages.get(r.get("name")), "sha256": sha})
+    return rows
+
+
+def pool_measurements(trials: list[Trial]) -> tuple[list[Trial], dict]:
+    """The same file timed in several trials (a stage reused by them) is one artifact: give every copy
+    the median of its p50s, per batch, so that no trial wins on a lucky draw of the clock.
+
+    Returns the trials with pooled rows (`latency_runs`: how many measurements each p50 pools) and,
+    per batch, the largest max/min ratio between measurements of one file: the machine's noise.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for t in trials:
+        for r in t.rows:
+            if r.get("sha256") and r.get("latency_ms"):
+                groups.setdefault((r["sha256"], r.get("runtime"), r.get("precision")), []).append(r)
+    pooled: dict[int, dict] = {}   # id(row) -> {batch: (median p50, n)}
+    spread: dict[str, float] = {}
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        for b in {b for r in rows for b in (r.get("latency_ms") or {})}:
+            p50s = [r["latency_ms"][b]["p50"] for r in rows if (r["latency_ms"].get(b) or {}).get("p50") is not None]
+            if len(p50s) < 2:
+                continue
+            spread[b] = max(spread.get(b, 1.0), max(p50s) / min(p50s))
+            for r in rows:
+                pooled.setdefault(id(r), {})[b] = (statistics.median(p50s), len(p50s))
+
+    def pool(r: dict) -> dict:
+        if id(r) not in pooled:
+            return r
+        lat = {b: dict(v) for b, v in r["latency_ms"].items()}
+        for b, (med, _) in pooled[id(r)].items():
+            lat[b]["p50"] = round(med, 4)
+        return {**r, "latency_ms": lat, "latency_runs": {b: n for b, (_, n) in pooled[id(r)].items()}}
+
+    out = [Trial(t.index, t.params, t.status, t.wall_s, [pool(r) for r in t.rows], t.error) for t in trials]
+    return out, {b: round(v, 2) for b, v in spread.items()}
 
 
 class Sweep:
@@ -468,9 +514,14 @@ def combined_report(trials: list[Trial], objectives: list[Objective], sweep: Swe
     from compress.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from compress.reporting import pareto_front
 
-    points = []   # (trial index, row) for every scored artifact of every trial
+    trials, spread = pool_measurements(trials)
+    points, seen = [], set()   # (trial index, row) for every scored artifact, once per file across trials
     for t in trials:
         for r in in_scope(t.rows, scope):   # the artifacts the trials differ in
+            ident = (r.get("sha256"), r.get("runtime"), r.get("precision"))
+            if ident[0] is not None and ident in seen:
+                continue
+            seen.add(ident)
             if column_value(r, "accuracy") is not None and column_value(r, f"latency_p50@{batch}") is not None:
                 points.append((t.index, r))
     front = pareto_front([(column_value(r, f"latency_p50@{batch}"), column_value(r, "accuracy")) for _, r in points])
@@ -489,6 +540,7 @@ def combined_report(trials: list[Trial], objectives: list[Objective], sweep: Swe
     result = {"schema": 1, "pipeline": str(pipeline), "sampler": sweep.sampler, "space": sweep.space,
               "scope": sorted(scope) if scope is not None else None,
               "trials": [t.record() for t in trials], "best": best, "pareto_batch": batch,
+              "latency_spread": spread,
               "pareto": [{"trial": points[i][0], "artifact": points[i][1]["name"], "runtime": points[i][1]["runtime"],
                           "precision": points[i][1]["precision"], "accuracy": points[i][1]["accuracy"],
                           f"latency_p50@{batch}": column_value(points[i][1], f"latency_p50@{batch}")}
@@ -527,6 +579,12 @@ def render_markdown(result: dict, batch: int) -> str:
         else:
             lines.append(f"- `{b['objective']}`: trial {b['trial']} ({_fmt_params(b['params'])}): {b['artifact']} "
                          f"on {b['runtime']} {b['precision']}, {b['value']:.4g}")
+    spread = (result.get("latency_spread") or {}).get(str(batch))
+    if spread:
+        lines += ["", f"A file that several trials share (a reused stage) is timed again in each of them; its p50s at "
+                      f"batch {batch} differed by up to {spread:.2f}x between trials on this machine. Every copy gets "
+                      f"the median of its measurements, and it is one point on the plot, so latency differences "
+                      f"smaller than that spread between artifacts measured once are noise."]
     lines += ["", f"## Pareto front (accuracy vs p50 latency at batch {batch}, across trials)", "",
               "| trial | artifact | runtime | precision | top-1 % | p50 ms |", "|---:|---|---|---|---:|---:|"]
     for p in sorted(result["pareto"], key=lambda p: p[f"latency_p50@{batch}"]):
@@ -545,9 +603,14 @@ def render_markdown(result: dict, batch: int) -> str:
             tail = ("| | | | | |" if r is None else
                     f"| {r['name']} | {'-' if stage_s is None else f'{stage_s:.0f}'} | {r['runtime']} | "
                     f"{r['precision']} | {r['accuracy']:.2f} | "
-                    f"{column_value(r, f'latency_p50@{batch}'):.3f} |")
+                    f"{column_value(r, f'latency_p50@{batch}'):.3f}{_runs(r, batch)} |")
             lines.append(f"| {t['index']} | {settings} | {t['status']} | {t['wall_s']:.0f} {tail}")
     return "\n".join(lines) + "\n"
+
+
+def _runs(row: dict, batch: int) -> str:
+    n = (row.get("latency_runs") or {}).get(str(batch))
+    return f" (median of {n})" if n else ""
 
 
 def _plot(points: list[tuple[int, dict]], front: list[int], batch: int, title: str) -> bytes | None:

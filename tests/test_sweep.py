@@ -136,6 +136,25 @@ def test_objectives_judge_only_the_stages_the_space_changes(tmp_path):
     assert sw.Sweep(cfg, pipeline, pcfg, tmp_path / "o")._score(trial) == 80.0   # not the shared teacher's 99
 
 
+def test_a_file_timed_in_several_trials_is_one_point_at_the_median_of_its_measurements(tmp_path):
+    cfg, pipeline, pcfg = sw.load(_files(tmp_path, SPACE))
+    shared = lambda p50: {**_row("teacher", 90.0, p50), "sha256": "a" * 64}   # noqa: E731  one file, reused
+    trials = [sw.Trial(i, {"stages.int8.calibration_size": i}, "ok",
+                       rows=[shared(p50), {**_row("int8", 80.0 + i, 0.8 - 0.1 * i, precision="int8"), "sha256": f"{i}" * 64}])
+              for i, p50 in enumerate([0.9, 0.3, 0.6])]   # the lucky 0.3 of trial 1 is noise
+    pooled, spread = sw.pool_measurements(trials)
+    assert spread == {"1": 3.0}
+    assert [t.rows[0]["latency_ms"]["1"]["p50"] for t in pooled] == [0.6, 0.6, 0.6]
+    assert [t.rows[1]["latency_ms"]["1"]["p50"] for t in pooled] == pytest.approx([0.8, 0.7, 0.6])   # measured once: as measured
+    assert pooled[0].rows[0]["latency_runs"] == {"1": 3} and "latency_runs" not in pooled[0].rows[1]
+    assert trials[1].rows[0]["latency_ms"]["1"]["p50"] == 0.3   # the ledger's rows are left as measured
+    result = sw.combined_report(trials, [sw.parse_objective("min latency_p50@1", [1])], cfg, pipeline, tmp_path, 1)
+    assert sum(p["artifact"] == "teacher" for p in result["pareto"]) <= 1
+    assert result["latency_spread"] == {"1": 3.0}
+    md = (tmp_path / "sweep.md").read_text()
+    assert "up to 3.00x" in md and "0.600 (median of 3)" in md
+
+
 def test_time_budget_stops_before_the_next_trial(tmp_path):
     body = SPACE + "time_budget_s: 0.000001\n"
     cfg, pipeline, pcfg = sw.load(_files(tmp_path, body))
@@ -223,4 +242,6 @@ def test_real_sweep_reuses_the_teacher_and_writes_a_combined_report(tmp_path):
     assert "cached" in logs[1].lower() or "skip" in logs[1].lower() or "reuse" in logs[1].lower(), logs[1][-2000:]
     accs = {(t["index"], r["name"]) for t in result["trials"] for r in t["rows"] if r["accuracy"] is not None}
     assert {(0, "int8"), (1, "int8"), (0, "teacher")} <= accs
+    teacher_sha = {r["sha256"] for t in result["trials"] for r in t["rows"] if r["name"] == "teacher"}
+    assert len(teacher_sha) == 1 and None not in teacher_sha   # the reused teacher: one file, timed twice
     assert "best for 'max accuracy'" in r.stdout and (tmp_path / "out" / "pareto.png").is_file()
