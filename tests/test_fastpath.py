@@ -333,3 +333,23 @@ def test_auto_resumes_in_the_mode_it_started_with(data, tmp_path, monkeypatch, c
     assert metrics["fast_path"]["mode"] == "channels_last"
     assert same_weights(resumed, reference)
     assert {**without_timing(metrics), "fast_path": None} == {**without_timing(ref_metrics), "fast_path": None}
+
+
+def test_the_fast_path_off_benchmark_pipeline_is_the_default_with_only_the_fast_path_off():
+    """benchmarks/distill-fastpath-off.yaml times the default pipeline without the fast path: it must not
+    drift from pipelines/distill.yaml in anything else (a changed recipe there must be copied here)."""
+    from pathlib import Path
+
+    from compress.config import OptimConfig as Optim
+    from compress.config import load
+
+    root = Path(__file__).parents[1]
+    default, off = load(root / "pipelines/distill.yaml"), load(root / "benchmarks/distill-fastpath-off.yaml")
+    assert list(off.stages) == list(default.stages)
+    for name, stage in off.stages.items():
+        trains = isinstance(stage, Optim) and (stage.type != "quantize" or stage.method == "qat")
+        assert stage.cpu_fast_path == ("off" if trains else "auto"), name
+        assert stage.model_copy(update={"cpu_fast_path": "auto"}) == default.stages[name], name
+    assert off.benchmark.cpu_fast_path == "off"
+    assert off.benchmark.model_copy(update={"cpu_fast_path": "auto"}) == default.benchmark
+    assert (off.data, off.seed, off.engine) == (default.data, default.seed, default.engine)
