@@ -323,31 +323,28 @@ def pool_measurements(trials: list[Trial]) -> tuple[list[Trial], dict]:
     Returns the trials with pooled rows (`latency_runs`: how many measurements each p50 pools) and,
     per batch, the largest max/min ratio between measurements of one file: the machine's noise.
     """
-    groups: dict[tuple, list[dict]] = {}
+    def ident(r: dict) -> tuple:
+        return r.get("sha256"), r.get("runtime"), r.get("precision")
+
+    p50s: dict[tuple, list[float]] = {}   # (file, runtime, precision, batch) -> the p50 of each measurement
     for t in trials:
         for r in t.rows:
-            if r.get("sha256") and r.get("latency_ms"):
-                groups.setdefault((r["sha256"], r.get("runtime"), r.get("precision")), []).append(r)
-    pooled: dict[int, dict] = {}   # id(row) -> {batch: (median p50, n)}
+            if r.get("sha256"):
+                for b, v in (r.get("latency_ms") or {}).items():
+                    if isinstance(v, dict) and v.get("p50") is not None:
+                        p50s.setdefault((*ident(r), b), []).append(v["p50"])
+    shared = {k: v for k, v in p50s.items() if len(v) > 1}
     spread: dict[str, float] = {}
-    for rows in groups.values():
-        if len(rows) < 2:
-            continue
-        for b in {b for r in rows for b in (r.get("latency_ms") or {})}:
-            p50s = [r["latency_ms"][b]["p50"] for r in rows if (r["latency_ms"].get(b) or {}).get("p50") is not None]
-            if len(p50s) < 2:
-                continue
-            spread[b] = max(spread.get(b, 1.0), max(p50s) / min(p50s))
-            for r in rows:
-                pooled.setdefault(id(r), {})[b] = (statistics.median(p50s), len(p50s))
+    for (*_, b), v in shared.items():
+        spread[b] = max(spread.get(b, 1.0), max(v) / min(v))
 
     def pool(r: dict) -> dict:
-        if id(r) not in pooled:
+        mine = {b: shared[(*ident(r), b)] for b in (r.get("latency_ms") or {}) if (*ident(r), b) in shared}
+        if not r.get("sha256") or not mine:
             return r
-        lat = {b: dict(v) for b, v in r["latency_ms"].items()}
-        for b, (med, _) in pooled[id(r)].items():
-            lat[b]["p50"] = round(med, 4)
-        return {**r, "latency_ms": lat, "latency_runs": {b: n for b, (_, n) in pooled[id(r)].items()}}
+        lat = {b: {**v, "p50": round(statistics.median(mine[b]), 4)} if b in mine else v
+               for b, v in r["latency_ms"].items()}
+        return {**r, "latency_ms": lat, "latency_runs": {b: len(v) for b, v in mine.items()}}
 
     out = [Trial(t.index, t.params, t.status, t.wall_s, [pool(r) for r in t.rows], t.error) for t in trials]
     return out, {b: round(v, 2) for b, v in spread.items()}
