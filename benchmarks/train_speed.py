@@ -145,7 +145,10 @@ def stage_times(report_path: Path) -> dict:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    device = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} torch threads"
+    on_gpu = result["device"].startswith("cuda")
+    device = m.get("gpu") if on_gpu and m.get("gpu") else f"{m['cpu']}, {m['torch_threads']} torch threads"
+    data = ("synthetic 28-px images (same size as Fashion-MNIST)" if result.get("dataset") == "synthetic"
+            else "Fashion-MNIST")
     isa = ", ".join(m.get("isa") or []) or "not recorded"
     bf16 = ("bf16 support not recorded" if "native_bf16" not in m      # results from before the fast path
             else "native bf16" if m["native_bf16"] else "no native bf16 (bf16 would be emulated)")
@@ -154,7 +157,7 @@ def markdown(result: dict) -> str:
         "",
         f"CPU: {m['cpu']}; instruction sets: {isa}; {bf16}.",
         "",
-        f"Device: {result['device']} ({device}); Fashion-MNIST, {result['images']:,} training images per epoch, "
+        f"Device: {result['device']} ({device}); {data}, {result['images']:,} training images per epoch, "
         f"batch {result['batch_size']}, SGD momentum 0.9 nesterov, one-cycle. Median of {result['repeats']} "
         "interleaved runs of one timed epoch each, after a warm-up epoch.",
         "",
@@ -253,7 +256,7 @@ def main() -> None:
     result = {"schema": "compress.benchmark.train_speed/1",
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
-              "device": str(device), "images": plain.num_train, "batch_size": args.batch, "repeats": args.repeats,
+              "device": str(device), "dataset": args.dataset, "images": plain.num_train, "batch_size": args.batch, "repeats": args.repeats,
               "machine": {**machine_info(), "isa": fastpath.isa(), "native_bf16": fastpath.native_bf16()},
               "rows": rows,
               "pipeline_report": stage_times(args.report[0].resolve()) if args.report else None,

@@ -183,7 +183,9 @@ def _flag_shows_no_type(display_type_rich):
     return display
 
 
-typer.core.TyperOption.display_type_rich = _flag_shows_no_type(typer.core.TyperOption.display_type_rich)
+# Older typers (0.12-0.15, e.g. the GPU image's) render types elsewhere and have no such method.
+if hasattr(typer.core.TyperOption, "display_type_rich"):
+    typer.core.TyperOption.display_type_rich = _flag_shows_no_type(typer.core.TyperOption.display_type_rich)
 
 app = typer.Typer(
     name="compress",

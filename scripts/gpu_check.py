@@ -43,7 +43,9 @@ MANIFEST = "wheels.json"
 BUDGET_MIB = 56  # of the 64 MiB a command may carry; the rest is the working tree (~1.5 MiB)
 
 # What the GPU image already holds (issue 14). Their own dependencies come with them.
-IMAGE_HAS = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy", "pyyaml", "rich", "typer",
+# typer is not counted: the image's is older than the project's pin (0.27, typer's own click), and the
+# first H200 run failed every check on it; install_plan replaces any machine package the pins refuse.
+IMAGE_HAS = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy", "pyyaml", "rich",
              "matplotlib", "pillow", "pytest")
 # Image packages whose own dependencies are surely there too (torch without sympy does not import).
 # typer, rich, timm and torchvision are not among them: an older typer has no pydantic, say.
@@ -57,6 +59,8 @@ NEVER_IMPORTED = {
 # The project's own requirements for the check: its dependencies and the test tools.
 ROOTS = ("torch-pruning", "onnxscript", "nncf", "pydantic", "pyyaml", "typer", "rich", "matplotlib", "numpy",
          "pillow", "onnx", "onnxruntime", "pytest-timeout", "hypothesis")
+# What every check imports; a venv that lacks one fails the set-up in one line, not each check.
+NEEDED_MODULES = ("torch", "typer", "pytest", "onnxruntime", "nncf", "torch_pruning", "compress")
 BUILD = ("setuptools", "wheel", "packaging")  # to build the editable install offline (isolated)
 # A wheel for any Linux x86_64 glibc >= 2.17 Python of the chosen version, or pure Python.
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64")
@@ -199,13 +203,34 @@ def prepare(dest: Path, python: str, budget_mib: float = BUDGET_MIB) -> dict:
 
 # ----------------------------------------------------------------------------- on the GPU machine
 
-def install_plan(manifest: dict, installed: Callable[[str], str | None]) -> tuple[list[dict], list[str]]:
-    """(wheels to install, names the machine already has): the machine's own packages win."""
+def project_pins(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]:
+    """The project's own dependency specifiers by name, e.g. {'typer': '>=0.27'} (pip's view of what fits)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    return {norm(r.name): str(r.specifier) for r in map(Requirement, deps)}
+
+
+def install_plan(manifest: dict, installed: Callable[[str], str | None],
+                 pins: dict[str, str] | None = None) -> tuple[list[dict], list[str]]:
+    """(wheels to install, names the machine already has): the machine's own packages win where they
+    satisfy the project's pins (as pip would leave them); one the pins refuse is replaced by ours."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion
+
+    pins = pins or {}
     todo, kept = [], []
     for w in manifest["wheels"]:
         if w["name"] in BUILD:
             continue  # only for building the project, from --find-links
-        if installed(w["name"]) is not None:
+        have = installed(w["name"])
+        try:
+            fits = have is not None and SpecifierSet(pins.get(w["name"], "")).contains(have, prereleases=True)
+        except InvalidVersion:
+            fits = False
+        if fits:
             kept.append(w["name"])
         else:
             todo.append(w)
@@ -236,6 +261,29 @@ def _env_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+def inherit_site_packages(venv: Path, parent: list[str] | None = None) -> Path | None:
+    """Let `venv` see this interpreter's packages when this interpreter is itself a venv's.
+
+    `--system-site-packages` reaches the *base* Python's site-packages, and the GPU machine's
+    `python3` is a venv (/opt/torch/.venv) whose torch lives in its own site-packages: a nested venv
+    saw no torch, typer or pytest at all. A .pth file in the new venv appends the parent's folders to
+    sys.path after the venv's own, so what the check installs still wins. None if there is no parent.
+    """
+    import site
+
+    if parent is None:
+        if sys.prefix == sys.base_prefix:
+            return None
+        parent = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    if not parent:
+        return None
+    probe = subprocess.run([str(_env_python(venv)), "-c", "import site; print(site.getsitepackages()[0])"],
+                           capture_output=True, text=True, check=True)
+    pth = Path(probe.stdout.strip()) / "_compress_parent_venv.pth"
+    pth.write_text("".join(f"{p}\n" for p in parent))
+    return pth
+
+
 def setup(wheels: Path, venv: Path, log: Callable[[str], None] = print) -> tuple[Path, dict]:
     """A venv over the machine's own site-packages, the missing wheels, the project. Offline."""
     manifest = load_manifest(wheels)
@@ -246,17 +294,23 @@ def setup(wheels: Path, venv: Path, log: Callable[[str], None] = print) -> tuple
     if not _env_python(venv).exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True,
                        capture_output=True)
+    inherit_site_packages(venv)
     py = str(_env_python(venv))
     have = subprocess.run([py, "-c", "import importlib.metadata as m, json; print(json.dumps("
                            "{d.metadata['Name'].lower().replace('_', '-'): d.version for d in m.distributions()"
                            " if d.metadata['Name']}))"], capture_output=True, text=True, check=True)
     versions = json.loads(have.stdout)
-    todo, kept = install_plan(manifest, lambda n: versions.get(n))
+    todo, kept = install_plan(manifest, lambda n: versions.get(n), project_pins())
     offline = ["--no-index", "--find-links", str(wheels), "--disable-pip-version-check", "-q"]
     if todo:
         subprocess.run([py, "-m", "pip", "install", "--no-deps", *offline, *[str(wheels / w["file"]) for w in todo]],
                        check=True)
     subprocess.run([py, "-m", "pip", "install", "--no-deps", *offline, "-e", str(ROOT)], check=True)
+    sees = subprocess.run([py, "-c", "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] "
+                           "if u.find_spec(m) is None))", *NEEDED_MODULES], capture_output=True, text=True)
+    if sees.returncode != 0 or sees.stdout.strip():
+        raise CheckError(f"the check's venv ({venv}) cannot import {sees.stdout.strip() or sees.stderr.strip()}: "
+                         "it does not see the machine's packages")
     return Path(py), {"installed": [f"{w['name']}=={w['version']}" for w in todo], "kept_from_machine": kept}
 
 

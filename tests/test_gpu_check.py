@@ -97,6 +97,13 @@ def test_install_plan_leaves_the_machines_packages_alone():
     todo, kept = gpu_check.install_plan(manifest, {"pydantic": "2.9", "scipy": "1.11"}.get)
     assert [w["name"] for w in todo] == ["nncf"]       # setuptools only builds the project
     assert kept == ["pydantic", "scipy"]                # the machine's own versions win
+    # ... unless the project's pins refuse them (the H200 image's typer was older than typer>=0.27)
+    manifest = {"wheels": [{"name": n, "version": v, "file": f"{n}.whl"} for n, v in
+                           (("typer", "0.29.2"), ("pydantic", "2.14.3"), ("shellingham", "1.5.4"))]}
+    todo, kept = gpu_check.install_plan(manifest, {"typer": "0.15.1", "pydantic": "2.9.2", "shellingham": "1.5"}.get,
+                                        {"typer": ">=0.27", "pydantic": ">=2.6,<3"})
+    assert [w["name"] for w in todo] == ["typer"] and kept == ["pydantic", "shellingham"]
+    assert gpu_check.project_pins()["typer"] == ">=0.27"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
@@ -178,3 +185,38 @@ def test_a_failed_set_up_is_a_failed_check_with_a_summary(tmp_path, monkeypatch,
     assert summary["passed"] is False and summary["gpu"].startswith("NVIDIA Test GPU")
     assert summary["setup"]["passed"] is False and "make gpu-wheels" in summary["setup"]["error"]
     assert summary["checks"] == [] and "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs to run inside a venv (as make test does)")
+def test_a_venv_made_from_a_venvs_python_sees_that_venvs_packages(tmp_path):
+    """The GPU machine's python3 is a venv's: --system-site-packages alone reached the base Python and the
+    check's venv saw no torch or typer (every check failed on the first H200 run)."""
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    probe = [str(venv / "bin" / "python"), "-c", "import typer, torch; print(typer.__file__)"]
+    assert subprocess.run(probe, capture_output=True).returncode != 0  # the bug, as it was
+    pth = gpu_check.inherit_site_packages(venv)
+    assert pth is not None and pth.is_file()
+    seen = subprocess.run(probe, capture_output=True, text=True)
+    assert seen.returncode == 0, seen.stderr
+    assert Path(seen.stdout.strip()).resolve().is_relative_to(Path(sys.prefix).resolve())
+    # the venv's own folder still comes first, so what the check installs wins over the machine's
+    order = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys; print('\\n'.join(sys.path))"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    own = next(i for i, p in enumerate(order) if p.startswith(str(venv)))
+    parent = next(i for i, p in enumerate(order) if p.startswith(sys.prefix) and not p.startswith(str(venv)))
+    assert own < parent
+    assert gpu_check.inherit_site_packages(venv, parent=[]) is None
+
+
+def test_torchvision_check_bad_input_and_no_torchvision(tmp_path):
+    script = ROOT / "scripts" / "torchvision_check.py"
+    out = tmp_path / "tv.json"
+    bad = subprocess.run([sys.executable, str(script), "--archs", "resnet18,vgg16", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --archs: unknown vgg16")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not out.exists()
+    if __import__("importlib.util").util.find_spec("torchvision") is None:  # the CPU machines: it says so, exit 3
+        none = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True,
+                              timeout=120)
+        assert none.returncode == 3 and "torchvision does not import here" in none.stdout and not out.exists()
