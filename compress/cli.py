@@ -183,7 +183,7 @@ def _flag_shows_no_type(display_type_rich):
     return display
 
 
-# Older typers (0.12-0.15, e.g. the GPU image's) render types elsewhere and have no such method.
+# A typer without this method (the H200 image's older one) renders types its own way: leave it be.
 if hasattr(typer.core.TyperOption, "display_type_rich"):
     typer.core.TyperOption.display_type_rich = _flag_shows_no_type(typer.core.TyperOption.display_type_rich)
 
