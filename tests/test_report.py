@@ -170,3 +170,23 @@ def test_a_rerun_reports_reused_stages_with_the_time_they_took_to_build():
                     "409.0 s).")
     stages["t"]["reused"] = False
     assert _wall_line({"stages": stages, "wall_seconds": {"benchmark": 90.0, "total": 110.0}}).endswith("110.0 s.")
+
+
+def test_a_stage_resumed_over_several_runs_reports_its_training_over_all_of_them():
+    """A long stage run in parts (Ctrl-C, then `compress run` again) has the last run's wall time; the report
+    also shows the training time its checkpoint carried over, so a run in parts does not look shorter."""
+    from compress.reporting import _wall_line, stages_table
+
+    stages = {"s": {"type": "distill", "from": ["t"], "wall_seconds": 1291.5, "reused": False,
+                    "built_seconds": 1291.5, "onnx_parity": None, "best_accuracy": 91.3,
+                    "metrics": {"train_seconds": 2963.6}},
+              "p": {"type": "prune", "from": ["s"], "wall_seconds": 736.4, "reused": False, "built_seconds": 736.4,
+                    "onnx_parity": None, "best_accuracy": 90.1, "metrics": {"train_seconds": 715.8}}}
+    head, body = stages_table({"stages": stages})
+    wall = head.index("wall s")
+    assert [row[wall] for row in body] == ["1291.5 (resumed; trained 2963.6 over all runs)", "736.4"]
+    line = _wall_line({"stages": stages, "wall_seconds": {"benchmark": 90.0, "total": 2118.0}})
+    assert "Whole run: 2118.0 s; 1 resumed from a checkpoint" in line
+    stages["s"].update(reused=True, wall_seconds=0.0)     # the next run reuses it: the span stays visible
+    head, body = stages_table({"stages": stages})
+    assert body[0][wall] == "reused (1291.5 when built; trained 2963.6 over all runs)"
