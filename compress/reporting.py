@@ -177,19 +177,20 @@ def _machine_details(machine: dict) -> str:
     return f"({cores} cores, torch threads {machine.get('torch_threads')}), GPU: {machine.get('gpu') or 'none'}"
 
 
-def _trained_over_parts(stage: dict, shown: float) -> float | None:
+def _trained_over_parts(stage: dict) -> float | None:
     """A stage resumed from a checkpoint trained in several runs; its manifest's `train_seconds` spans them all
-    (the checkpoint carries it), while its wall time is the last run's alone. The span when it exceeds `shown`."""
+    (the checkpoint carries it), while its wall time is that of the run that finished it. The span, when it
+    exceeds that wall time; None otherwise, or when the report does not say how long the stage took."""
+    shown = stage.get("built_seconds") if stage.get("reused") else stage.get("wall_seconds")
     train = (stage.get("metrics") or {}).get("train_seconds")
-    return float(train) if train and train > shown + 1.0 else None
+    return float(train) if shown and train and train > shown + 1.0 else None
 
 
 def _stage_wall(stage: dict) -> str:
+    parts = _trained_over_parts(stage)
     if stage.get("reused") and stage.get("built_seconds"):
-        parts = _trained_over_parts(stage, stage["built_seconds"])
         more = f"; trained {parts:.1f} over all runs" if parts else ""
         return f"reused ({stage['built_seconds']:.1f} when built{more})"
-    parts = _trained_over_parts(stage, stage["wall_seconds"])
     return f"{stage['wall_seconds']:.1f}" + (f" (resumed; trained {parts:.1f} over all runs)" if parts else "")
 
 
@@ -201,8 +202,7 @@ def _wall_line(report: dict) -> str:
     built = sum(s.get("built_seconds") or 0.0 for s in reused)
     note = (f" ({len(reused)} of {len(report['stages'])} stages reused from the cache; building them took "
             f"{built:.1f} s)" if reused else "")
-    resumed = [s for s in report["stages"].values()
-               if _trained_over_parts(s, s.get("built_seconds") if s.get("reused") else s["wall_seconds"])]
+    resumed = [s for s in report["stages"].values() if _trained_over_parts(s)]
     if resumed:
         note += (f"; {len(resumed)} resumed from a checkpoint, so earlier runs' training is not in these sums"
                  " (stage table: training over all runs)")

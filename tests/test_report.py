@@ -190,3 +190,7 @@ def test_a_stage_resumed_over_several_runs_reports_its_training_over_all_of_them
     stages["s"].update(reused=True, wall_seconds=0.0)     # the next run reuses it: the span stays visible
     head, body = stages_table({"stages": stages})
     assert body[0][wall] == "reused (1291.5 when built; trained 2963.6 over all runs)"
+    del stages["s"]["built_seconds"]                     # a report from before built_seconds: no claim made
+    head, body = stages_table({"stages": stages})
+    assert body[0][wall] == "0.0"
+    assert "resumed" not in _wall_line({"stages": stages, "wall_seconds": {"benchmark": 90.0, "total": 826.4}})
